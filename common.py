@@ -1,0 +1,712 @@
+"""Shared by every train_*.py script: the training recipe, CIFAR data, the residual-unit builder,
+the training loop and its outputs.
+
+Import-safe and quick to import: only the standard library and numpy are imported here at module
+level. Keras (and through it TensorFlow, JAX or PyTorch) is imported inside the functions that need
+it, after the command line and every path have been checked, so that bad input is reported at once
+as one line on stderr (exit code 2) instead of after the framework's start-up log.
+
+A family script provides four things and calls `main`:
+    add_arguments(parser)       its own flags (depth, unit type, ...)
+    check(args)                 raises UsageError for combinations argparse cannot check
+    run_name(args)              e.g. "resnet32_e" (the dataset is appended here)
+    build_model(args, classes)  the Keras model, built from the helpers below
+"""
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import pickle
+import shlex
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+# --- Training recipe: He et al. 2016 "Identity Mappings in Deep Residual Networks" (arXiv:1603.05027)
+# as run by the seed article (BIGBALLON/cifar-10-cnn ResNet-32): SGD, Nesterov, 200 epochs. ---
+EPOCHS = 200
+BATCH_SIZE = 128
+LR_SCHEDULE = "0:0.1,81:0.01,122:0.001"  # EPOCH:LR pairs; epochs count from 0 as Keras's do
+MOMENTUM = 0.9  # SGD momentum, Nesterov
+WEIGHT_DECAY = 1e-4  # L2 kernel regularizer: loss += WEIGHT_DECAY * sum(w ** 2)
+BN_MOMENTUM = 0.9  # BatchNormalization as in the Torch ResNets the seed article copies
+BN_EPSILON = 1e-5
+SEED = 0
+
+# --- Data: CIFAR images and their per-channel statistics on 0-255 pixels (the seed article's). ---
+IMAGE_SHAPE = (32, 32, 3)
+PIXEL_MEAN = (125.307, 122.95, 113.865)
+PIXEL_STD = (62.9932, 62.0887, 66.7048)
+SHIFT_FRACTION = 0.125  # random shifts of up to 0.125 * 32 = 4 pixels, zero fill (He et al. 2015)
+EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for a backward pass: bigger batches, same numbers
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr with exit code 2, never a traceback."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    title: str
+    classes: int
+    folder: str  # the official "python version" layout ...
+    archive: str  # ... and the tarball that holds it
+    train_files: tuple
+    test_files: tuple
+    label_key: bytes
+
+
+DATASETS = {
+    "cifar10": Dataset("CIFAR-10", 10, "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                       tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), b"labels"),
+    "cifar100": Dataset("CIFAR-100", 100, "cifar-100-python", "cifar-100-python.tar.gz",
+                        ("train",), ("test",), b"fine_labels"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage and a second line; we want one line
+        raise UsageError(f"{message} (see --help)")
+
+
+def _int_at_least(low):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _nonnegative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+positive_int = _int_at_least(1)
+
+
+def stack_n(text):
+    """Units per stage of a 6n+2 network: n >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"got {text!r}, but n must be an integer >= 1: depth must be 6n+2: 20, 32, 44, 56, 110 "
+            "(n = 3, 5, 7, 9, 18)")
+    return value
+
+
+def parse_lr_schedule(text):
+    """'0:0.1,81:0.01,122:0.001' -> [(0, 0.1), (81, 0.01), (122, 0.001)]: the rate from each epoch on."""
+    example = f"expected EPOCH:LR pairs starting at epoch 0, e.g. {LR_SCHEDULE!r}; got {text!r}"
+    try:
+        pairs = [item.split(":") for item in text.split(",")]
+        schedule = [(int(epoch), float(lr)) for epoch, lr in pairs]
+    except ValueError:
+        raise argparse.ArgumentTypeError(example) from None
+    epochs = [epoch for epoch, _ in schedule]
+    if epochs[0] != 0 or any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise argparse.ArgumentTypeError(f"epochs must start at 0 and increase; {example}")
+    if not all(math.isfinite(lr) and lr > 0 for _, lr in schedule):
+        raise argparse.ArgumentTypeError(f"learning rates must be positive; {example}")
+    return schedule
+
+
+# What an unset --epochs / --weight-decay / --lr-schedule means, unless the family's check() says otherwise.
+RECIPE_DEFAULTS = {"epochs": EPOCHS, "weight_decay": WEIGHT_DECAY, "lr_schedule": parse_lr_schedule(LR_SCHEDULE)}
+
+
+def lr_at_epoch(schedule, epoch):
+    return [lr for start, lr in schedule if start <= epoch][-1]
+
+
+def make_parser(description, add_arguments):
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
+    data.add_argument("--data-dir", metavar="DIR",
+                      help="a local copy in the official python layout: DIR/cifar-10-batches-py/ or "
+                           "DIR/cifar-10-python.tar.gz (cifar-100-python likewise); default: download "
+                           "through keras.datasets")
+    data.add_argument("--train-limit", type=positive_int, metavar="N",
+                      help="train on the first N training images only")
+    recipe = parser.add_argument_group("training recipe (defaults: He et al. 2016, the seed article)")
+    recipe.add_argument("--epochs", type=positive_int, help=f"default {EPOCHS}")
+    recipe.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                        help="steps per epoch = floor(training images / batch size)")
+    recipe.add_argument("--lr-schedule", type=parse_lr_schedule, metavar="E:LR,...", help=f"step schedule: LR from epoch E on (counted from 0); "
+                                                 f"default {LR_SCHEDULE}")
+    recipe.add_argument("--weight-decay", type=_nonnegative_float,
+                        help=f"L2 penalty on kernels: loss += wd * sum(w^2) (default {WEIGHT_DECAY:g})")
+    recipe.add_argument("--seed", type=int, default=SEED,
+                        help="weights, data order and augmentation all follow from it")
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--run-name", help="default: <model>_<dataset>, e.g. resnet32_e_cifar10")
+    out.add_argument("--log-dir", default="logs", help="TensorBoard logs go to LOG_DIR/<run-name>/")
+    out.add_argument("--checkpoint-dir", default="checkpoints",
+                     help="<run-name>.h5, .csv (history) and .json (configuration)")
+    out.add_argument("--verbose", type=int, choices=(0, 1, 2),
+                     help="Keras progress: 1 bar, 2 one line per epoch (default: 1 on a terminal, else 2)")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--summary", action="store_true",
+                       help="print model.summary() and exit without loading data")
+    modes.add_argument("--evaluate", metavar="PATH", help="evaluate a saved .h5 model on the test set")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+class ArrayOnlyUnpickler(pickle.Unpickler):
+    """Reads the CIFAR pickles and refuses everything but numpy arrays (as keras.datasets does):
+    loading a hostile file then cannot call any function."""
+
+    ALLOWED = frozenset({
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),  # numpy < 2
+        ("numpy._core.multiarray", "_reconstruct"),  # numpy >= 2
+        ("_codecs", "encode"),  # array bytes in protocol-2 pickles written by Python 3: text -> bytes only
+    })
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
+
+
+def _read_batch(fileobj, where, label_key, classes):
+    try:
+        batch = ArrayOnlyUnpickler(fileobj, encoding="bytes").load()
+    except Exception as error:  # truncated, corrupt or hostile: the message names the file
+        raise UsageError(f"cannot read {where}: {error} (re-download or rebuild the data)") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise UsageError(f"{where} is not a CIFAR batch: it needs b'data' and {label_key!r} "
+                         "(is --dataset right?)")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[label_key])
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        raise UsageError(f"{where}: images must be uint8 rows of 3072 pixels, got {data.dtype} "
+                         f"{data.shape} (re-download or rebuild the data)")
+    if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+        raise UsageError(f"{where}: expected {len(data)} integer labels, got {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise UsageError(f"{where}: labels must be 0..{classes - 1}, found {labels.min()}..{labels.max()} "
+                         "(is --dataset right?)")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW rows -> NHWC
+    return np.ascontiguousarray(images), labels.astype(np.int32)
+
+
+def find_local_data(data_dir, dataset):
+    """The folder or the tarball of `dataset` under data_dir; UsageError if neither is there."""
+    spec = DATASETS[dataset]
+    folder = os.path.join(data_dir, spec.folder)
+    archive = os.path.join(data_dir, spec.archive)
+    if os.path.isdir(folder):
+        return folder
+    if os.path.isfile(archive):
+        return archive
+    if not os.path.isdir(data_dir):
+        raise UsageError(f"--data-dir {data_dir!r} does not exist (give the folder that holds "
+                         f"{spec.folder}/ or {spec.archive})")
+    raise UsageError(f"--data-dir {data_dir!r} holds neither {spec.folder}/ nor {spec.archive} "
+                     f"(download {spec.title} 'python version' there)")
+
+
+def load_local(source, dataset, files):
+    """Concatenated (images, labels) from the official batch files, in a folder or a .tar.gz."""
+    spec = DATASETS[dataset]
+    parts = []
+    if os.path.isdir(source):
+        for name in files:
+            path = os.path.join(source, name)
+            if not os.path.isfile(path):
+                raise UsageError(f"{path} is missing (re-download or rebuild the data)")
+            with open(path, "rb") as f:
+                parts.append(_read_batch(f, path, spec.label_key, spec.classes))
+    else:
+        try:
+            with tarfile.open(source, "r:*") as tar:
+                for name in files:
+                    where = f"{source}:{spec.folder}/{name}"
+                    try:
+                        member = tar.extractfile(f"{spec.folder}/{name}")
+                    except KeyError:
+                        raise UsageError(f"{where} is missing (re-download the archive)") from None
+                    parts.append(_read_batch(io.BytesIO(member.read()), where, spec.label_key, spec.classes))
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise UsageError(f"cannot read {source}: {error} (re-download the archive)") from None
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def load_data(args, train=True):
+    """((x_train, y_train), (x_test, y_test)): uint8 NHWC images and int32 labels. Without --data-dir,
+    downloads through keras.datasets. With train=False the training part is (None, None)."""
+    spec = DATASETS[args.dataset]
+    if args.data_dir:
+        source = find_local_data(args.data_dir, args.dataset)
+        test = load_local(source, args.dataset, spec.test_files)
+        trainset = load_local(source, args.dataset, spec.train_files) if train else (None, None)
+    else:
+        import keras
+        loader = keras.datasets.cifar10 if args.dataset == "cifar10" else keras.datasets.cifar100
+        try:
+            (xa, ya), (xb, yb) = loader.load_data()
+        except Exception as error:
+            raise UsageError(f"could not download {spec.title} through keras.datasets ({error}); "
+                             "fix: pass --data-dir with a local copy") from None
+        trainset, test = (xa, ya.reshape(-1).astype(np.int32)), (xb, yb.reshape(-1).astype(np.int32))
+    if train and args.train_limit:
+        trainset = (trainset[0][:args.train_limit], trainset[1][:args.train_limit])
+    return trainset, test
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers and the residual-unit builder (Keras imported lazily, see the module docstring)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Style:
+    """How a family makes its convolutions and batch normalizations (spec: "Unless a family says
+    otherwise"): padding same, he_normal, L2 on kernels, biases on, BN momentum 0.9 / epsilon 1e-5."""
+    weight_decay: float = WEIGHT_DECAY
+    use_bias: bool = True
+    bn_momentum: float = BN_MOMENTUM
+    bn_epsilon: float = BN_EPSILON
+
+    def conv(self, filters, kernel_size, strides=1, groups=1, name=None):
+        import keras
+        return keras.layers.Conv2D(
+            filters, kernel_size, strides=strides, groups=groups, padding="same", use_bias=self.use_bias,
+            kernel_initializer="he_normal", kernel_regularizer=self.regularizer(), name=name)
+
+    def bn(self, name=None):
+        import keras
+        return keras.layers.BatchNormalization(momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name)
+
+    def regularizer(self):
+        import keras
+        return keras.regularizers.L2(self.weight_decay) if self.weight_decay else None
+
+    def dense(self, classes, regularize=True):
+        import keras
+        # float32 softmax whatever the compute precision: the loss stays accurate under mixed precision
+        return keras.layers.Dense(classes, activation="softmax", kernel_initializer="he_normal",
+                                  kernel_regularizer=self.regularizer() if regularize else None,
+                                  dtype="float32", name="predictions")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A residual unit written as the order of its layers (He et al. 2016, Fig. 4).
+
+    residual:   the branch F, e.g. "bn relu conv3 bn relu conv3"; convK is a KxK convolution; the first
+                convolution carries the unit's stride; all but the last have `width` outputs.
+    after_add:  layers after the addition, e.g. "relu" (original) or "bn relu" (BN after addition).
+    projection: where a projection shortcut (1x1, strided) reads from when the shape changes:
+                "input" (the raw unit input x) or "activated" (x after the branch's leading bn/relu).
+    projection_bn: a BN after the projection convolution.
+    """
+    residual: str
+    after_add: str = ""
+    projection: str = "input"
+    projection_bn: bool = False
+
+    def without_preactivation(self):
+        """The same unit minus the layers before its first convolution (a network's very first unit)."""
+        tokens = self.residual.split()
+        first_conv = next(i for i, t in enumerate(tokens) if t.startswith("conv"))
+        return Unit(" ".join(tokens[first_conv:]), self.after_add, "input", self.projection_bn)
+
+
+def _apply(token, x, name, style):
+    import keras
+    if token == "bn":
+        return style.bn(name=name)(x)
+    if token == "relu":
+        return keras.layers.Activation("relu", name=name)(x)
+    raise ValueError(f"unknown layer {token!r}")
+
+
+def residual_unit(x, filters, strides, unit, name, style=Style(), width=None, groups=1, shortcut=True):
+    """One residual unit; layer names are fixed (<name>_conv1, <name>_bn1, ...) so weights reload by name.
+
+    filters: output channels; width: channels of the inner convolutions (default: filters);
+    groups: groups of the 3x3 convolutions (ResNeXt); shortcut=False gives the plain twin."""
+    import keras
+    tokens = unit.residual.split()
+    n_convs = sum(t.startswith("conv") for t in tokens)
+    counts = {"conv": 0, "bn": 0, "relu": 0}
+    y = activated = x
+    for token in tokens:
+        kind = "conv" if token.startswith("conv") else token
+        counts[kind] += 1
+        layer_name = f"{name}_{kind}{counts[kind]}"
+        if kind == "conv":
+            kernel = int(token[len("conv"):])
+            last = counts["conv"] == n_convs
+            y = style.conv(filters if last else (width or filters), kernel,
+                           strides=strides if counts["conv"] == 1 else 1,
+                           groups=groups if kernel > 1 else 1, name=layer_name)(y)
+        else:
+            y = _apply(token, y, layer_name, style)
+            if counts["conv"] == 0:
+                activated = y
+    if shortcut:
+        skip = x
+        if strides != 1 or x.shape[-1] != filters:
+            source = activated if unit.projection == "activated" else x
+            skip = style.conv(filters, 1, strides=strides, name=f"{name}_projection")(source)
+            if unit.projection_bn:
+                skip = style.bn(name=f"{name}_projection_bn")(skip)
+        y = keras.layers.Add(name=f"{name}_add")([y, skip])
+    for i, token in enumerate(unit.after_add.split(), start=1):
+        y = _apply(token, y, f"{name}_post{i}_{token}", style)
+    return y
+
+
+# The residual units of He et al. 2016, Fig. 4 (a-e), and the "v2" forms of d and e whose projection
+# reads the raw input. For a, b, c the projection always reads the raw input.
+UNITS = {
+    "a": Unit("conv3 bn relu conv3 bn", after_add="relu"),  # original
+    "b": Unit("conv3 bn relu conv3", after_add="bn relu"),  # BN after addition
+    "c": Unit("conv3 bn relu conv3 bn relu"),  # ReLU before addition
+    "d": Unit("relu conv3 bn relu conv3 bn", projection="activated"),  # ReLU-only pre-activation
+    "e": Unit("bn relu conv3 bn relu conv3", projection="activated"),  # full pre-activation
+    "d-v2": Unit("relu conv3 bn relu conv3 bn", projection="input"),
+    "e-v2": Unit("bn relu conv3 bn relu conv3", projection="input"),
+}
+
+
+def stack(x, stages, unit_fn):
+    """Stages from a table of (filters, units, stride) or (filters, units, stride, width): the stride
+    applies to each stage's first unit; unit_fn(x, filters, strides, name[, width]) builds one unit."""
+    for s, (filters, units, stride, *width) in enumerate(stages, start=1):
+        extra = {"width": width[0]} if width else {}
+        for u in range(1, units + 1):
+            x = unit_fn(x, filters, stride if u == 1 else 1, name=f"stage{s}_unit{u}", **extra)
+    return x
+
+
+def bn_relu_gap_head(x, classes, style=Style()):
+    """The spec's head: BN -> ReLU -> GlobalAveragePooling -> Dense(softmax)."""
+    import keras
+    x = style.bn(name="head_bn")(x)
+    x = keras.layers.Activation("relu", name="head_relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    return style.dense(classes)(x)
+
+
+def image_input():
+    """The network's input and its weightless preprocessing, both inside the saved model, so a saved
+    .h5 takes raw 0-255 pixels (uint8 or float) and needs nothing else:
+    per-channel standardization, then in training only a random horizontal flip and a random shift of
+    up to 4 pixels filled with 0 (the mean pixel, after standardization) as ImageDataGenerator does."""
+    import keras
+    inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
+    x = keras.layers.Rescaling(scale=[1 / s for s in PIXEL_STD],
+                               offset=[-m / s for m, s in zip(PIXEL_MEAN, PIXEL_STD)], name="standardize")(inputs)
+    x = keras.layers.RandomFlip("horizontal", name="random_flip")(x)
+    x = keras.layers.RandomTranslation(SHIFT_FRACTION, SHIFT_FRACTION, fill_mode="constant", fill_value=0.0,
+                                       interpolation="nearest", name="random_shift")(x)
+    return inputs, x
+
+
+def model_from(inputs, outputs, name):
+    import keras
+    return keras.Model(inputs, outputs, name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+
+def _check_writable_dir(path, flag):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a file, not a folder (choose another {flag})")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path!r} is not writable ({error.strerror}); choose another {flag}") from None
+
+
+def atomic_write(path, write):
+    """write(tmp_path) produces the file; it appears under `path` only once complete (rename is atomic),
+    so a crash mid-write leaves any previous file at `path` intact."""
+    directory, base = os.path.split(path)
+    stem, ext = os.path.splitext(base)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory or ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+HISTORY_FIELDS = ("epoch", "loss", "accuracy", "test_loss", "test_accuracy", "learning_rate", "seconds")
+
+
+def write_history(path, history):
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, out.getvalue())
+
+
+class ScalarLog:
+    """TensorBoard scalars per epoch, written through the tensorboard package alone (Keras's TensorBoard
+    callback needs TensorFlow, which a JAX or PyTorch run must not need). Train and test curves go to
+    <run>/train and <run>/test with the same tags, so TensorBoard draws them on one chart."""
+
+    def __init__(self, run_dir):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        self.writers = {split: EventFileWriter(os.path.join(run_dir, split)) for split in ("train", "test")}
+
+    def write(self, row):
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        scalars = {"train": {"epoch_loss": row["loss"], "epoch_accuracy": row["accuracy"],
+                             "epoch_learning_rate": row["learning_rate"]},
+                   "test": {"epoch_loss": row["test_loss"], "epoch_accuracy": row["test_accuracy"]}}
+        for split, values in scalars.items():
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
+            self.writers[split].add_event(Event(wall_time=time.time(), step=row["epoch"], summary=summary))
+            self.writers[split].flush()
+
+    def close(self):
+        for writer in self.writers.values():
+            writer.close()
+
+
+def final_line(**fields):
+    return "final: " + " ".join(f"{key}={value}" for key, value in fields.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+def compile_model(model, args, steps_per_epoch):
+    import keras
+    schedule = args.lr_schedule
+    if len(schedule) == 1:
+        learning_rate = schedule[0][1]
+    else:
+        # optimizer.iterations counts finished steps, and PiecewiseConstantDecay switches once
+        # step > boundary: so the first step of epoch E (step E * steps_per_epoch) gets the new rate.
+        learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
+            boundaries=[epoch * steps_per_epoch - 1 for epoch, _ in schedule[1:]],
+            values=[lr for _, lr in schedule])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=MOMENTUM, nesterov=True),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+def reseed_augmentation(model, seed, epoch):
+    """Every epoch's augmentation follows from (seed, epoch) alone, so a resumed run draws the same."""
+    import keras
+    for i, layer in enumerate(model.layers):
+        generator = getattr(layer, "generator", None)
+        if isinstance(generator, keras.random.SeedGenerator):
+            state = np.random.default_rng([seed, epoch, i]).integers(0, 2**31, size=2)
+            generator.state.assign(np.array([state[0], 0], dtype=generator.state.dtype))
+
+
+def epoch_order(seed, epoch, n_images, n_used):
+    """The shuffled training order of one epoch, a function of (seed, epoch) alone."""
+    return np.random.default_rng([seed, epoch, 2**20]).permutation(n_images)[:n_used]
+
+
+def fit(model, args, data, paths):
+    import keras
+    (x_train, y_train), (x_test, y_test) = data
+    steps = len(x_train) // args.batch_size
+    if steps == 0:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images "
+                         "(lower --batch-size or raise --train-limit)")
+    compile_model(model, args, steps)
+    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    # fit() runs one epoch per call on our own shuffled order; this stops it after that epoch while
+    # the progress bar still says "Epoch 82/200".
+    stop_after_one_epoch = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", True))
+    history = []
+    log = ScalarLog(paths["log_run"])
+    start = time.perf_counter()
+    try:
+        for epoch in range(args.epochs):
+            epoch_start = time.perf_counter()
+            reseed_augmentation(model, args.seed, epoch)
+            order = epoch_order(args.seed, epoch, len(x_train), steps * args.batch_size)
+            result = model.fit(x_train[order], y_train[order], batch_size=args.batch_size, epochs=args.epochs,
+                               initial_epoch=epoch, shuffle=False, validation_data=(x_test, y_test),
+                               validation_batch_size=EVAL_BATCH_SIZE, callbacks=[stop_after_one_epoch],
+                               verbose=verbose)
+            logs = {key: values[-1] for key, values in result.history.items()}
+            row = {"epoch": epoch, "loss": logs["loss"], "accuracy": logs["accuracy"],
+                   "test_loss": logs["val_loss"], "test_accuracy": logs["val_accuracy"],
+                   "learning_rate": lr_at_epoch(args.lr_schedule, epoch),
+                   "seconds": round(time.perf_counter() - epoch_start, 3)}
+            history.append(row)
+            write_history(paths["csv"], history)
+            write_history(paths["log_csv"], history)
+            log.write(row)
+    finally:
+        log.close()
+    seconds = time.perf_counter() - start
+    return history, seconds, steps * args.batch_size * args.epochs / seconds
+
+
+def configure_backend():
+    """Session setup, run from main only: quiet TensorFlow's C++ start-up log."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(description, add_arguments, run_name, build_model, check=None, argv=None):
+    """Parse and check everything, then train, evaluate or summarize. Bad input: one line, exit 2."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        _run(description, add_arguments, run_name, build_model, check, argv)
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _run(description, add_arguments, run_name, build_model, check, argv):
+    args = make_parser(description, add_arguments).parse_args(argv)
+    if check:
+        check(args)  # may choose the family's own recipe defaults
+    for key, value in RECIPE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    spec = DATASETS[args.dataset]
+    name = args.run_name or f"{run_name(args)}_{args.dataset}"
+    if args.summary:
+        configure_backend()
+        build_model(args, spec.classes).summary()
+        return
+    # Fail fast: every path before any data is read or the framework is imported.
+    if args.data_dir:
+        find_local_data(args.data_dir, args.dataset)
+    if args.evaluate:
+        return _evaluate(args, name, spec)
+    _check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+    _check_writable_dir(os.path.join(args.log_dir, name), "--log-dir")
+    try:
+        import tensorboard  # noqa: F401  (the scalar log needs it; say so now, not after an epoch)
+    except ImportError:
+        raise UsageError("the tensorboard package is missing; fix: pip install tensorboard") from None
+    paths = {"h5": os.path.join(args.checkpoint_dir, f"{name}.h5"),
+             "csv": os.path.join(args.checkpoint_dir, f"{name}.csv"),
+             "json": os.path.join(args.checkpoint_dir, f"{name}.json"),
+             "log_run": os.path.join(args.log_dir, name),
+             "log_csv": os.path.join(args.log_dir, name, "history.csv"),
+             "log_json": os.path.join(args.log_dir, name, "config.json")}
+    data = load_data(args)
+
+    configure_backend()
+    import keras
+    keras.utils.set_random_seed(args.seed)
+    model = build_model(args, spec.classes)
+    config = _resolved_config(args, name, model, data, paths)
+    for key in ("json", "log_json"):
+        write_text(paths[key], json.dumps(config, indent=2) + "\n")
+    _clear_old_events(paths["log_run"])
+    history, seconds, images_per_s = fit(model, args, data, paths)
+    atomic_write(paths["h5"], model.save)
+    last = history[-1]
+    print(f"saved {paths['h5']}, history {paths['csv']}, configuration {paths['json']}, "
+          f"TensorBoard logs {paths['log_run']}")
+    print(final_line(run=name, epochs=len(history), params=model.count_params(),
+                     test_acc=f"{last['test_accuracy']:.4f}", test_loss=f"{last['test_loss']:.4f}",
+                     train_images_per_s=f"{images_per_s:.1f}", seconds=f"{seconds:.1f}"))
+
+
+def _resolved_config(args, name, model, data, paths):
+    import keras
+    config = {key: value for key, value in vars(args).items() if key not in ("summary", "evaluate")}
+    config["lr_schedule"] = ",".join(f"{epoch}:{lr:g}" for epoch, lr in args.lr_schedule)
+    train_images = len(data[0][0])
+    config.update(run_name=name, model=model.name, params=model.count_params(),
+                  trainable_params=sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+                  train_images=train_images, test_images=len(data[1][0]),
+                  steps_per_epoch=train_images // args.batch_size, eval_batch_size=EVAL_BATCH_SIZE,
+                  momentum=MOMENTUM, nesterov=True, backend=keras.backend.backend(), keras=keras.__version__,
+                  checkpoint=paths["h5"], command=shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
+    return config
+
+
+def _clear_old_events(run_dir):
+    """A fresh run under an existing name replaces that run's TensorBoard curves instead of mixing in."""
+    for split in ("train", "test"):
+        folder = os.path.join(run_dir, split)
+        if os.path.isdir(folder):
+            for entry in os.listdir(folder):
+                if entry.startswith("events.out.tfevents."):
+                    os.remove(os.path.join(folder, entry))
+
+
+def _evaluate(args, name, spec):
+    if not os.path.isfile(args.evaluate):
+        raise UsageError(f"--evaluate {args.evaluate!r}: no such file (give a .h5 saved by a training run)")
+    _, (x_test, y_test) = load_data(args, train=False)
+    configure_backend()
+    import keras
+    try:
+        model = keras.models.load_model(args.evaluate, compile=False)
+    except Exception as error:
+        raise UsageError(f"cannot load {args.evaluate}: {str(error).splitlines()[0]}") from None
+    classes = model.output_shape[-1]
+    if classes != spec.classes:
+        raise UsageError(f"{args.evaluate} predicts {classes} classes but {spec.title} has {spec.classes} "
+                         "(is --dataset right?)")
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    start = time.perf_counter()
+    loss, accuracy = model.evaluate(x_test, y_test, batch_size=EVAL_BATCH_SIZE, verbose=0)
+    seconds = time.perf_counter() - start
+    saved = os.path.splitext(args.evaluate)[0] + ".json"
+    epochs = 0
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            epochs = json.load(f).get("epochs", 0)
+    run = os.path.splitext(os.path.basename(args.evaluate))[0]
+    print(final_line(run=run, epochs=epochs, params=model.count_params(), test_acc=f"{accuracy:.4f}",
+                     test_loss=f"{loss:.4f}", train_images_per_s="0.0", seconds=f"{seconds:.1f}"))

@@ -1,0 +1,47 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cifar_fixture import write_cifar  # noqa: E402
+
+# Makes `import tensorflow` fail, to show that a JAX or PyTorch run never needs TensorFlow.
+NO_TENSORFLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "no_tensorflow")
+
+
+def run_script(script, *args, backend=None, block_tensorflow=False, timeout=900):
+    env = dict(os.environ)
+    if backend:
+        env["KERAS_BACKEND"] = backend
+    if block_tensorflow:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [NO_TENSORFLOW, env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def final_fields(stdout):
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("final: "), last
+    return dict(item.split("=", 1) for item in last[len("final: "):].split())
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    """CIFAR-10 in the official folder layout: 5 x 64 training images, 100 test images."""
+    return write_cifar(str(tmp_path_factory.mktemp("cifar10")), per_file=64, test_images=100)
+
+
+@pytest.fixture(scope="session")
+def cifar_tar_dir(tmp_path_factory):
+    """The same format as cifar-10-python.tar.gz only."""
+    return write_cifar(str(tmp_path_factory.mktemp("cifar10tar")), per_file=20, test_images=30, seed=1, tar=True)
+
+
+@pytest.fixture(scope="session")
+def cifar100_dir(tmp_path_factory):
+    return write_cifar(str(tmp_path_factory.mktemp("cifar100")), "cifar100", per_file=100, test_images=50)

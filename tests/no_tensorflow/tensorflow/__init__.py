@@ -1,0 +1,1 @@
+raise ImportError("tensorflow is blocked by tests/no_tensorflow: this run must not need it")

@@ -1,0 +1,146 @@
+"""Every network of the spec (../shared/docs/architectures.md) against its exact parameter counts."""
+import numpy as np
+import pytest
+
+import common
+import train_resnet32
+import train_resnet_bottleneck
+import train_resnet_v2
+import train_resnet_variants
+import train_resnext
+from conftest import run_script
+
+# (script module, arguments, total, trainable, non-trainable): the spec's tables, CIFAR-10 unless noted.
+MODEL_LIST = [
+    (train_resnet32, [], 470_218, 467_946, 2_272),
+    (train_resnet32, ["--model", "resnet34"], 416_458, 414_186, 2_272),
+    (train_resnet32, ["--stack-n", "3"], 274_442, 273_066, 1_376),
+    (train_resnet32, ["--stack-n", "9"], 861_770, 857_706, 4_064),
+    (train_resnet32, ["--dataset", "cifar100"], 476_068, 473_796, 2_272),
+    *[(train_resnet_variants, ["--unit", u], 470_410, 468_042, 2_368) for u in ("a", "b", "c", "d", "d-v2")],
+    *[(train_resnet_variants, ["--unit", u], 470_218, 467_946, 2_272) for u in ("e", "e-v2")],
+    (train_resnet_variants, ["--unit", "e", "--plain"], 467_562, 465_290, 2_272),
+    # section 4 gives "about 15.6 M (plain: about 15.4 M)"; these are our builds' exact figures
+    (train_resnet_variants, ["--arch", "wide"], 15_619_978, 15_607_562, 12_416),
+    (train_resnet_variants, ["--arch", "wide", "--plain"], 15_447_050, 15_434_634, 12_416),
+    (train_resnet_bottleneck, ["--depth", "50"], 23_593_098, 23_543_690, 49_408),
+    (train_resnet_bottleneck, ["--depth", "101"], 42_663_562, 42_561_930, 101_632),
+    (train_resnet_bottleneck, ["--depth", "152"], 58_376_330, 58_228_618, 147_712),
+    (train_resnet_v2, ["--version", "1", "--depth", "20"], 274_442, 273_066, 1_376),
+    (train_resnet_v2, ["--version", "1", "--depth", "32"], 470_218, 467_946, 2_272),
+    (train_resnet_v2, ["--version", "1", "--depth", "44"], 665_994, 662_826, 3_168),
+    (train_resnet_v2, ["--version", "1", "--depth", "56"], 861_770, 857_706, 4_064),
+    (train_resnet_v2, ["--version", "1", "--depth", "110"], 1_742_762, 1_734_666, 8_096),
+    (train_resnet_v2, ["--version", "2", "--depth", "56"], 1_673_738, 1_663_338, 10_400),
+    (train_resnet_v2, ["--version", "2", "--depth", "110"], 3_323_210, 3_302_442, 20_768),
+    (train_resnet_v2, ["--version", "2", "--depth", "164"], 4_972_682, 4_941_546, 31_136),
+    # spec §5: "an independent build of the grouped form with bias-free convolutions gave ..."
+    (train_resnext, ["--cardinality", "8", "--width", "64"], 34_484_170, None, None),
+    (train_resnext, ["--cardinality", "16", "--width", "64"], 68_255_690, None, None),
+]
+
+
+def parse(module, argv):
+    args = common.make_parser("", module.add_arguments).parse_args(argv)
+    if hasattr(module, "check"):
+        module.check(args)
+    for key, value in common.RECIPE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def build(module, argv):
+    args = parse(module, argv)
+    return module.build_model(args, common.DATASETS[args.dataset].classes)
+
+
+def trainable_count(model):
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize("module, argv, total, trainable, non_trainable", MODEL_LIST,
+                         ids=[f"{m.__name__}{''.join(a)}" for m, a, *_ in MODEL_LIST])
+def test_parameter_counts(module, argv, total, trainable, non_trainable):
+    model = build(module, argv)
+    assert model.count_params() == total
+    if trainable is not None:
+        assert trainable_count(model) == trainable
+        assert model.count_params() - trainable_count(model) == non_trainable
+    assert model.output_shape == (None, 100 if "cifar100" in argv else 10)
+
+
+def test_resnext_within_one_percent_of_the_paper():
+    for cardinality, paper in ((8, 34.4e6), (16, 68.1e6)):
+        count = build(train_resnext, ["--cardinality", str(cardinality)]).count_params()
+        assert abs(count - paper) / paper < 0.01
+
+
+@pytest.mark.parametrize("argv, total", [([], "470,218"), (["--model", "resnet34"], "416,458"),
+                                         (["--stack-n", "3"], "274,442"), (["--dataset", "cifar100"], "476,068")])
+def test_summary_flag_prints_keras_table(argv, total):
+    result = run_script("train_resnet32.py", "--summary", *argv)
+    assert result.returncode == 0, result.stderr
+    assert f"Total params: {total}" in result.stdout
+
+
+def test_summary_of_every_family_script():
+    for script, total in (("train_resnet_variants.py", "470,218"), ("train_resnet_bottleneck.py", "23,593,098"),
+                          ("train_resnet_v2.py", "3,323,210"), ("train_resnext.py", "34,484,170")):
+        result = run_script(script, "--summary")
+        assert result.returncode == 0, result.stderr
+        assert f"Total params: {total}" in result.stdout
+
+
+def random_images(n=4, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3)).astype("float32")
+
+
+def randomize_batchnorm(model, seed=1):
+    """BN statistics away from their initial values, so that equal outputs mean something."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if "bn" in layer.name:
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype("float32") for w in layer.get_weights()])
+
+
+def test_spelled_out_and_compact_resnet32_are_one_network():
+    compact = train_resnet32.resnet(5)
+    spelled = train_resnet32.resnet32_spelled_out()
+    assert [(l.name, type(l)) for l in compact.layers] == [(l.name, type(l)) for l in spelled.layers]
+    assert [w.shape for w in compact.weights] == [w.shape for w in spelled.weights]
+    randomize_batchnorm(compact)
+    spelled.set_weights(compact.get_weights())
+    x = random_images()
+    np.testing.assert_allclose(compact.predict(x, verbose=0), spelled.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("unit", ["d", "e"])
+def test_v2_projection_reads_raw_input(unit):
+    activated = build(train_resnet_variants, ["--unit", unit, "--stack-n", "1"])
+    raw = build(train_resnet_variants, ["--unit", f"{unit}-v2", "--stack-n", "1"])
+    assert activated.count_params() == raw.count_params()
+    randomize_batchnorm(activated)
+    raw.set_weights(activated.get_weights())
+    x = random_images()
+    difference = np.abs(activated.predict(x, verbose=0) - raw.predict(x, verbose=0)).max()
+    assert difference > 1e-4
+    # the difference is the projection's source and nothing else
+    projection = "stage2_unit1_projection"
+    assert activated.get_layer(projection).input.name != raw.get_layer(projection).input.name
+
+
+def test_resnext_split_and_grouped_are_one_function():
+    grouped = train_resnext.resnext(29, cardinality=4, width=4, impl="grouped")
+    split = train_resnext.resnext(29, cardinality=4, width=4, impl="split")
+    assert grouped.count_params() == split.count_params()
+    randomize_batchnorm(grouped)
+    train_resnext.copy_grouped_weights(grouped, split, cardinality=4)
+    x = random_images()
+    np.testing.assert_allclose(grouped.predict(x, verbose=0), split.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
+
+
+def test_resnext_split_and_grouped_parameter_counts_match_at_full_size():
+    for depth, c, d in ((29, 8, 64), (50, 32, 4), (50, 4, 32)):
+        assert (train_resnext.resnext(depth, c, d, "grouped").count_params()
+                == train_resnext.resnext(depth, c, d, "split").count_params())

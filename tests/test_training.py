@@ -1,0 +1,116 @@
+"""End to end: real training runs of the CLI on tiny data in the official format, on TensorFlow and JAX."""
+import csv
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+import common
+import train_resnet32
+import train_resnet_v2
+import train_resnet_variants
+import train_resnext
+from conftest import final_fields, run_script
+from test_models import parse
+
+EPOCHS = 3
+TINY_RUN = ["--stack-n", "1", "--batch-size", "32", "--epochs", EPOCHS, "--lr-schedule", "0:0.05,2:0.02"]
+
+
+def read_history(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module", params=["tensorflow", "jax"])
+def trained(request, cifar_dir, tmp_path_factory):
+    """One real run per backend; the JAX run has TensorFlow blocked, so it proves it needs none."""
+    backend = request.param
+    out = tmp_path_factory.mktemp(f"run_{backend}")
+    result = run_script("train_resnet32.py", "--data-dir", cifar_dir, *TINY_RUN,
+                        "--log-dir", out / "logs", "--checkpoint-dir", out / "checkpoints",
+                        backend=backend, block_tensorflow=backend != "tensorflow")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return backend, out, result
+
+
+def test_final_line_and_outputs(trained):
+    backend, out, result = trained
+    fields = final_fields(result.stdout)
+    run = "resnet8_e_cifar10"
+    assert fields["run"] == run and fields["epochs"] == str(EPOCHS) and fields["params"] == "78666"
+    assert 0 <= float(fields["test_acc"]) <= 1 and len(fields["test_acc"]) == 6
+    assert float(fields["train_images_per_s"]) > 0 and float(fields["seconds"]) > 0
+    assert os.path.getsize(out / "checkpoints" / f"{run}.h5") > 100_000
+    for split in ("train", "test"):
+        assert glob.glob(str(out / "logs" / run / split / "events.out.tfevents.*"))
+    config = json.loads((out / "checkpoints" / f"{run}.json").read_text())
+    assert config["backend"] == backend and config["epochs"] == EPOCHS and config["params"] == 78666
+    assert config["lr_schedule"] == "0:0.05,2:0.02" and config["steps_per_epoch"] == 320 // 32
+    assert json.loads((out / "logs" / run / "config.json").read_text()) == config
+
+
+def test_short_run_lowers_the_training_loss(trained):
+    _, out, result = trained
+    history = read_history(out / "checkpoints" / "resnet8_e_cifar10.csv")
+    assert [int(row["epoch"]) for row in history] == list(range(EPOCHS))
+    losses = [float(row["loss"]) for row in history]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert [float(row["learning_rate"]) for row in history] == [0.05, 0.05, 0.02]
+    assert f"{float(history[-1]['test_accuracy']):.4f}" == final_fields(result.stdout)["test_acc"]
+    assert read_history(out / "logs" / "resnet8_e_cifar10" / "history.csv") == history
+
+
+def test_evaluate_reproduces_the_final_test_accuracy(trained, cifar_dir):
+    backend, out, result = trained
+    evaluation = run_script("train_resnet32.py", "--data-dir", cifar_dir, "--stack-n", "1",
+                            "--evaluate", out / "checkpoints" / "resnet8_e_cifar10.h5", backend=backend,
+                            block_tensorflow=backend != "tensorflow")
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    trained_fields, evaluated = final_fields(result.stdout), final_fields(evaluation.stdout)
+    assert evaluated["test_acc"] == trained_fields["test_acc"]
+    assert abs(float(evaluated["test_loss"]) - float(trained_fields["test_loss"])) < 1e-3
+    assert evaluated["epochs"] == str(EPOCHS) and evaluated["params"] == "78666"
+
+
+def tiny_data(cifar_dir, classes=10):
+    args = parse(train_resnet32, ["--data-dir", cifar_dir])
+    (x, y), (xt, yt) = common.load_data(args)
+    return (x[:64], y[:64] % classes), (xt[:32], yt[:32] % classes)
+
+
+def test_saved_h5_reloads_to_identical_predictions(cifar_dir, tmp_path):
+    import keras
+    (x, y), (xt, _) = tiny_data(cifar_dir)
+    model = train_resnet32.resnet(1)
+    common.compile_model(model, parse(train_resnet32, []), steps_per_epoch=2)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    path = str(tmp_path / "model.h5")
+    common.atomic_write(path, model.save)
+    reloaded = keras.models.load_model(path, compile=False)
+    np.testing.assert_array_equal(model.predict(xt, verbose=0), reloaded.predict(xt, verbose=0))
+    assert [l.name for l in reloaded.layers] == [l.name for l in model.layers]
+
+
+# One tiny epoch of every unit and small depth of each family (the big networks are only built).
+TINY_MODELS = [
+    *[(train_resnet_variants, ["--unit", u, "--stack-n", "1"]) for u in common.UNITS],
+    (train_resnet_variants, ["--unit", "e", "--stack-n", "1", "--plain"]),
+    (train_resnet32, ["--model", "resnet34", "--stack-n", "1"]),
+    (train_resnet_v2, ["--version", "1", "--depth", "8"]),
+    (train_resnet_v2, ["--version", "2", "--depth", "11"]),
+    (train_resnext, ["--cardinality", "2", "--width", "2", "--impl", "grouped"]),
+    (train_resnext, ["--cardinality", "2", "--width", "2", "--impl", "split"]),
+]
+
+
+@pytest.mark.parametrize("module, argv", TINY_MODELS, ids=[f"{m.__name__}{''.join(a)}" for m, a in TINY_MODELS])
+def test_one_tiny_epoch_without_nan(module, argv, cifar_dir):
+    (x, y), (xt, yt) = tiny_data(cifar_dir)
+    args = parse(module, argv)
+    model = module.build_model(args, 10)
+    common.compile_model(model, args, steps_per_epoch=2)
+    history = model.fit(x, y, batch_size=32, epochs=1, validation_data=(xt, yt), verbose=0).history
+    assert all(np.isfinite(history[key][0]) for key in ("loss", "val_loss")), history

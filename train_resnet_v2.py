@@ -1,0 +1,98 @@
+"""Train ResNet v1 (depth 6n+2) or v2 (depth 9n+2) as in the Keras CIFAR-10 ResNet example.
+
+Papers: K. He et al., "Deep Residual Learning for Image Recognition" (v1, arXiv:1512.03385) and
+"Identity Mappings in Deep Residual Networks" (v2, arXiv:1603.05027); layout of the Keras example
+"Trains a ResNet on the CIFAR10 dataset" (keras-team/keras examples/cifar10_resnet.py).
+
+    python train_resnet_v2.py                           # v2 ResNet-110, 3,323,210 parameters
+    python train_resnet_v2.py --version 1 --depth 20    # v1 ResNet-20, 274,442 parameters
+    python train_resnet_v2.py --version 2 --depth 164   # the pre-activation paper's ResNet-164
+
+v1: a conv-BN-ReLU stem with 16 filters, three stages of n basic units (conv-BN-ReLU, conv-BN, add,
+ReLU; a bare 1x1 strided projection when downsampling), AveragePooling2D(8), Flatten, softmax.
+v2: the same stem, three stages of n pre-activation bottlenecks (BN-ReLU-conv1x1, BN-ReLU-conv3x3,
+BN-ReLU-conv1x1 to 4x the width in stage 1 and 2x after; the network's first unit skips its first BN-ReLU;
+a bare 1x1 projection opens every stage), BN-ReLU, AveragePooling2D(8), Flatten, softmax.
+BatchNormalization keeps Keras's defaults here and weight decay applies to convolutions only, as in the
+example. Expect (the Keras example, 200 epochs, CIFAR-10): v1 ResNet-20 92.16 %, -32 92.46 %,
+-44 92.50 %, -56 92.71 %, -110 92.65 %; v2 ResNet-56 93.01 %, -110 93.15 %; He et al. 2016 report
+94.54 % for v2 ResNet-164.
+"""
+from functools import partial
+
+import common
+from common import Style, Unit, residual_unit, stack
+
+STEM_FILTERS = 16
+POOL_SIZE = 8  # 8x8 feature maps after two halvings
+KERAS_BN = {"bn_momentum": 0.99, "bn_epsilon": 1e-3}  # the example keeps BatchNormalization's defaults
+VERSIONS = {1: (6, (20, 32, 44, 56, 110)), 2: (9, (56, 110, 164, 1001))}  # depth = k*n + 2; usual depths
+
+
+def resnet_layer(kernel_size=3, activation=True, batch_normalization=True, conv_first=True):
+    """The example's conv-BN-activation helper, written as the layer order our unit builder takes:
+    conv_first=True gives conv-BN-ReLU (v1), False gives BN-ReLU-conv (v2)."""
+    conv = [f"conv{kernel_size}"]
+    bn_act = ["bn"] * batch_normalization + ["relu"] * activation
+    return " ".join(conv + bn_act if conv_first else bn_act + conv)
+
+
+UNIT_V1 = Unit(f"{resnet_layer()} {resnet_layer(activation=False)}", after_add="relu")
+UNIT_V2 = Unit(" ".join(resnet_layer(k, conv_first=False) for k in (1, 3, 1)))
+
+
+def stages(version, n):
+    """(filters, units, stride[, width]) per stage."""
+    if version == 1:
+        return [(16, n, 1), (32, n, 2), (64, n, 2)]
+    return [(64, n, 1, 16), (128, n, 2, 64), (256, n, 2, 128)]  # outputs 4x then 2x the stage's input
+
+
+def v2_unit(x, filters, strides, name, width, style):
+    unit = UNIT_V2.without_preactivation() if name == "stage1_unit1" else UNIT_V2
+    return residual_unit(x, filters, strides, unit, name, style, width=width)
+
+
+def resnet_v1_v2(version, depth, classes=10, style=Style(**KERAS_BN)):
+    import keras
+    per_unit, _ = VERSIONS[version]
+    inputs, x = common.image_input()
+    x = style.conv(STEM_FILTERS, 3, name="stem_conv")(x)
+    x = style.bn(name="stem_bn")(x)
+    x = keras.layers.Activation("relu", name="stem_relu")(x)
+    unit_fn = partial(residual_unit, unit=UNIT_V1, style=style) if version == 1 else partial(v2_unit, style=style)
+    x = stack(x, stages(version, (depth - 2) // per_unit), unit_fn)
+    if version == 2:
+        x = style.bn(name="head_bn")(x)
+        x = keras.layers.Activation("relu", name="head_relu")(x)
+    x = keras.layers.AveragePooling2D(POOL_SIZE, name="head_pool")(x)
+    x = keras.layers.Flatten(name="head_flatten")(x)
+    outputs = style.dense(classes, regularize=False)(x)
+    return common.model_from(inputs, outputs, f"resnet{depth}_v{version}")
+
+
+def add_arguments(parser):
+    parser.add_argument("--version", type=int, choices=sorted(VERSIONS), default=2,
+                        help="1: basic units, depth 6n+2; 2: pre-activation bottlenecks, depth 9n+2")
+    parser.add_argument("--depth", type=int, default=110, help="v1: 6n+2 (20, 32, 44, 56, 110); "
+                                                               "v2: 9n+2 (56, 110, 164, 1001)")
+
+
+def check(args):
+    per_unit, examples = VERSIONS[args.version]
+    if args.depth < per_unit + 2 or (args.depth - 2) % per_unit:
+        raise common.UsageError(
+            f"v{args.version} depth must be {per_unit}n+2: {', '.join(map(str, examples))}, ... "
+            f"(got --depth {args.depth})")
+
+
+def run_name(args):
+    return f"resnet{args.depth}_v{args.version}"
+
+
+def build_model(args, classes):
+    return resnet_v1_v2(args.version, args.depth, classes, Style(weight_decay=args.weight_decay, **KERAS_BN))
+
+
+if __name__ == "__main__":
+    common.main(__doc__, add_arguments, run_name, build_model, check)
