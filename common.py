@@ -52,6 +52,10 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line on stderr with exit code 2, never a traceback."""
 
 
+class TrainingError(Exception):
+    """Training itself failed (a NaN loss): one line on stderr, exit code 1."""
+
+
 @dataclass(frozen=True)
 class Dataset:
     title: str
@@ -168,6 +172,8 @@ def make_parser(description, add_arguments):
     out.add_argument("--log-dir", default="logs", help="TensorBoard logs go to LOG_DIR/<run-name>/")
     out.add_argument("--checkpoint-dir", default="checkpoints",
                      help="<run-name>.h5, .csv (history) and .json (configuration)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from its last completed epoch (same command plus --resume)")
     out.add_argument("--verbose", type=int, choices=(0, 1, 2),
                      help="Keras progress: 1 bar, 2 one line per epoch (default: 1 on a terminal, else 2)")
     modes = parser.add_mutually_exclusive_group()
@@ -456,19 +462,32 @@ def _check_writable_dir(path, flag):
         raise UsageError(f"{flag} {path!r} is not writable ({error.strerror}); choose another {flag}") from None
 
 
+TMP_PREFIX = ".tmp-"
+
+
 def atomic_write(path, write):
-    """write(tmp_path) produces the file; it appears under `path` only once complete (rename is atomic),
-    so a crash mid-write leaves any previous file at `path` intact."""
+    """write(tmp_path) produces the file; it appears under `path` only once complete (os.replace is atomic),
+    so a crash or a kill mid-write leaves any previous file at `path` intact. The temporary name keeps the
+    final name's ending (Keras picks the format from it): .tmp-XXXX-<name>."""
     directory, base = os.path.split(path)
-    stem, ext = os.path.splitext(base)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory or ".")
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=f"-{base}", dir=directory or ".")
     os.close(fd)
+    os.remove(tmp)  # Keras and h5py want to create the file themselves
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(directory, name):
+    """Temporaries a killed run left behind for `name`: never a complete file, safe to delete."""
+    for entry in os.listdir(directory):
+        if entry.startswith(TMP_PREFIX) and entry.split("-", 2)[-1].startswith(name):
+            os.remove(os.path.join(directory, entry))
 
 
 def write_text(path, text):
@@ -552,44 +571,104 @@ def epoch_order(seed, epoch, n_images, n_used):
     return np.random.default_rng([seed, epoch, 2**20]).permutation(n_images)[:n_used]
 
 
-def fit(model, args, data, paths):
+# What must match for --resume to continue a run's saved state.
+RESUME_KEYS = ("model", "params", "dataset", "train_images", "batch_size", "seed")
+
+
+def save_state(model, path, history, config):
+    """Weights, optimizer state (its step count fixes the learning-rate position) and the history so far,
+    in one file written atomically: a kill at any moment leaves the previous state whole."""
+    import h5py
+
+    def write(tmp):
+        model.save_weights(tmp)
+        with h5py.File(tmp, "a") as f:
+            f.attrs["resume"] = json.dumps({"history": history, **{k: config[k] for k in RESUME_KEYS}})
+    atomic_write(path, write)
+
+
+def restore_state(model, path, config):
+    """The history saved with the state at `path` (weights and optimizer state loaded into `model`)."""
+    import warnings
+
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            saved = json.loads(f.attrs["resume"])
+        model.optimizer.build(model.trainable_variables)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.load_weights(path)  # Keras only warns when it skips a mismatched part: refuse instead
+        skipped = [str(w.message) for w in caught if "Skipping variable loading" in str(w.message)]
+        if skipped:
+            raise ValueError(skipped[0].strip())
+    except Exception as error:
+        raise UsageError(f"cannot resume from {path}: {str(error).splitlines()[0]} "
+                         "(rerun without --resume to start over)") from None
+    changed = [k for k in RESUME_KEYS if saved[k] != config[k]]
+    if changed:
+        raise UsageError(f"cannot resume from {path}: it was saved with a different "
+                         + ", ".join(f"{k} ({saved[k]} vs {config[k]} now)" for k in changed)
+                         + "; rerun without --resume to start over, or choose another --run-name")
+    return saved["history"]
+
+
+def fit(model, args, data, paths, config):
+    """Trains epoch by epoch, saving the state after each; with --resume continues from the saved state.
+    Returns (history, seconds, training images per second) of this process's epochs."""
     import keras
     (x_train, y_train), (x_test, y_test) = data
-    steps = len(x_train) // args.batch_size
-    if steps == 0:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images "
-                         "(lower --batch-size or raise --train-limit)")
+    steps = config["steps_per_epoch"]
     compile_model(model, args, steps)
+    history = []
+    if args.resume and os.path.isfile(paths["state"]):
+        history = restore_state(model, paths["state"], config)
+        print(f"resuming {config['run_name']} after epoch {len(history)} from {paths['state']}")
+    elif args.resume:
+        print(f"nothing to resume at {paths['state']}: starting {config['run_name']} from epoch 1")
+    # The CSV and TensorBoard files are derived from the saved history: rewritten now, each epoch is in
+    # them exactly once whatever moment an earlier run was killed at.
+    for key in ("csv", "log_csv"):
+        write_history(paths[key], history)
+    _clear_old_events(paths["log_run"])
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
     # fit() runs one epoch per call on our own shuffled order; this stops it after that epoch while
     # the progress bar still says "Epoch 82/200".
     stop_after_one_epoch = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", True))
-    history = []
     log = ScalarLog(paths["log_run"])
     start = time.perf_counter()
+    first = len(history)
     try:
-        for epoch in range(args.epochs):
+        for row in history:
+            log.write(row)
+        for epoch in range(first, args.epochs):
             epoch_start = time.perf_counter()
             reseed_augmentation(model, args.seed, epoch)
             order = epoch_order(args.seed, epoch, len(x_train), steps * args.batch_size)
             result = model.fit(x_train[order], y_train[order], batch_size=args.batch_size, epochs=args.epochs,
                                initial_epoch=epoch, shuffle=False, validation_data=(x_test, y_test),
-                               validation_batch_size=EVAL_BATCH_SIZE, callbacks=[stop_after_one_epoch],
-                               verbose=verbose)
+                               validation_batch_size=EVAL_BATCH_SIZE, verbose=verbose,
+                               callbacks=[keras.callbacks.TerminateOnNaN(), stop_after_one_epoch])
             logs = {key: values[-1] for key, values in result.history.items()}
-            row = {"epoch": epoch, "loss": logs["loss"], "accuracy": logs["accuracy"],
-                   "test_loss": logs["val_loss"], "test_accuracy": logs["val_accuracy"],
-                   "learning_rate": lr_at_epoch(args.lr_schedule, epoch),
-                   "seconds": round(time.perf_counter() - epoch_start, 3)}
-            history.append(row)
-            write_history(paths["csv"], history)
-            write_history(paths["log_csv"], history)
-            log.write(row)
+            if not all(math.isfinite(logs.get(key, math.nan)) for key in ("loss", "val_loss")):
+                last_good = paths["state"] if history else "none yet"
+                raise TrainingError(f"the loss became {logs.get('loss')} in epoch {epoch + 1}; the last good "
+                                    f"checkpoint is {last_good} (epoch {len(history)}): lower --lr-schedule "
+                                    "and rerun, or --resume from it")
+            history.append({"epoch": epoch, "loss": logs["loss"], "accuracy": logs["accuracy"],
+                            "test_loss": logs["val_loss"], "test_accuracy": logs["val_accuracy"],
+                            "learning_rate": lr_at_epoch(args.lr_schedule, epoch),
+                            "seconds": round(time.perf_counter() - epoch_start, 3)})
+            save_state(model, paths["state"], history, config)
+            for key in ("csv", "log_csv"):
+                write_history(paths[key], history)
+            log.write(history[-1])
     finally:
         log.close()
     seconds = time.perf_counter() - start
-    return history, seconds, steps * args.batch_size * args.epochs / seconds
+    images = steps * args.batch_size * (args.epochs - first)
+    return history, seconds, images / seconds if seconds > 0 else 0.0
 
 
 def configure_backend():
@@ -605,6 +684,9 @@ def main(description, add_arguments, run_name, build_model, check=None, argv=Non
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as error:
+        print(f"{prog}: training failed: {error}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -637,20 +719,24 @@ def _run(description, add_arguments, run_name, build_model, check, argv):
     paths = {"h5": os.path.join(args.checkpoint_dir, f"{name}.h5"),
              "csv": os.path.join(args.checkpoint_dir, f"{name}.csv"),
              "json": os.path.join(args.checkpoint_dir, f"{name}.json"),
+             "state": os.path.join(args.checkpoint_dir, f"{name}.state.weights.h5"),
              "log_run": os.path.join(args.log_dir, name),
              "log_csv": os.path.join(args.log_dir, name, "history.csv"),
              "log_json": os.path.join(args.log_dir, name, "config.json")}
     data = load_data(args)
+    if len(data[0][0]) < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(data[0][0])} training images "
+                         "(lower --batch-size or raise --train-limit)")
 
     configure_backend()
     import keras
     keras.utils.set_random_seed(args.seed)
     model = build_model(args, spec.classes)
     config = _resolved_config(args, name, model, data, paths)
+    remove_stale_temporaries(args.checkpoint_dir, name)
     for key in ("json", "log_json"):
         write_text(paths[key], json.dumps(config, indent=2) + "\n")
-    _clear_old_events(paths["log_run"])
-    history, seconds, images_per_s = fit(model, args, data, paths)
+    history, seconds, images_per_s = fit(model, args, data, paths, config)
     atomic_write(paths["h5"], model.save)
     last = history[-1]
     print(f"saved {paths['h5']}, history {paths['csv']}, configuration {paths['json']}, "
@@ -662,7 +748,7 @@ def _run(description, add_arguments, run_name, build_model, check, argv):
 
 def _resolved_config(args, name, model, data, paths):
     import keras
-    config = {key: value for key, value in vars(args).items() if key not in ("summary", "evaluate")}
+    config = {key: value for key, value in vars(args).items() if key not in ("summary", "evaluate", "resume")}
     config["lr_schedule"] = ",".join(f"{epoch}:{lr:g}" for epoch, lr in args.lr_schedule)
     train_images = len(data[0][0])
     config.update(run_name=name, model=model.name, params=model.count_params(),

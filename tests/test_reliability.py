@@ -1,0 +1,136 @@
+"""Resume after SIGKILL, atomic checkpoints, NaN stops, mismatched resumes."""
+import csv
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import common
+from conftest import ROOT, final_fields, run_script
+
+RUN = "resnet8_e_cifar10"
+EPOCHS = 4
+
+
+def tiny_run(cifar_dir, out, *extra):
+    return ["--data-dir", cifar_dir, "--stack-n", "1", "--batch-size", "32", "--epochs", EPOCHS,
+            "--log-dir", out / "logs", "--checkpoint-dir", out / "checkpoints", *extra]
+
+
+def history(out):
+    with open(out / "checkpoints" / f"{RUN}.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def tensorboard_steps(out):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    steps = {}
+    for split in ("train", "test"):
+        for path in glob.glob(str(out / "logs" / RUN / split / "events.out.tfevents.*")):
+            for event in EventFileLoader(path).Load():
+                for value in event.summary.value:
+                    steps.setdefault((split, value.tag), []).append(event.step)
+    return steps
+
+
+def test_sigkill_mid_epoch_then_resume(cifar_dir, tmp_path):
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_resnet32.py"),
+                                *map(str, tiny_run(cifar_dir, killed))], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    csv_path = killed / "checkpoints" / f"{RUN}.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if csv_path.exists() and len(csv_path.read_text().splitlines()) >= 2:  # epoch 1 done: kill inside epoch 2
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(history(killed))
+    assert 1 <= done_before < EPOCHS
+
+    resumed = run_script("train_resnet32.py", *tiny_run(cifar_dir, killed, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {RUN} after epoch {done_before}" in resumed.stdout
+    assert final_fields(resumed.stdout)["epochs"] == str(EPOCHS)
+    rows = history(killed)
+    assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))  # none lost, none repeated
+    for steps in tensorboard_steps(killed).values():
+        assert steps == list(range(EPOCHS))
+    assert not glob.glob(str(killed / "checkpoints" / ".tmp-*"))
+
+    # the same run uninterrupted: same learning rates, same data order and augmentation, same numbers
+    uninterrupted = run_script("train_resnet32.py", *tiny_run(cifar_dir, straight))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    for key in ("loss", "accuracy", "test_loss", "learning_rate"):
+        np.testing.assert_allclose([float(r[key]) for r in rows], [float(r[key]) for r in history(straight)],
+                                   rtol=1e-3, err_msg=key)
+
+
+KILL_MID_WRITE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import common
+def write(tmp):
+    with open(tmp, "wb") as f:
+        f.write(b"half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+common.atomic_write({path!r}, write)
+"""
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    import train_resnet32
+    from test_models import parse
+    model = train_resnet32.resnet(1)
+    args = parse(train_resnet32, [])
+    common.compile_model(model, args, steps_per_epoch=2)
+    model.optimizer.build(model.trainable_variables)
+    config = {"model": model.name, "params": model.count_params(), "dataset": "cifar10", "train_images": 64,
+              "batch_size": 32, "seed": 0}
+    path = str(tmp_path / f"{RUN}.state.weights.h5")
+    rows = [{"epoch": 0, "loss": 1.0}]
+    common.save_state(model, path, rows, config)
+    before = os.path.getsize(path)
+
+    killed = subprocess.run([sys.executable, "-c", KILL_MID_WRITE.format(root=ROOT, path=path)])
+    assert killed.returncode == -signal.SIGKILL
+    assert glob.glob(str(tmp_path / ".tmp-*"))  # the half-written file exists, under another name
+    assert os.path.getsize(path) == before
+
+    fresh = train_resnet32.resnet(1)
+    common.compile_model(fresh, args, steps_per_epoch=2)
+    assert common.restore_state(fresh, path, config) == rows
+    for a, b in zip(model.weights, fresh.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    common.remove_stale_temporaries(str(tmp_path), RUN)
+    assert not glob.glob(str(tmp_path / ".tmp-*"))
+
+
+def test_nan_loss_stops_with_the_epoch_and_last_checkpoint(cifar_dir, tmp_path):
+    result = run_script("train_resnet32.py", *tiny_run(cifar_dir, tmp_path, "--lr-schedule", "0:0.05,1:1e30"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "training failed" in line and "in epoch 2" in line and f"{RUN}.state.weights.h5 (epoch 1)" in line
+    assert [int(r["epoch"]) for r in history(tmp_path)] == [0]
+    assert not os.path.exists(tmp_path / "checkpoints" / f"{RUN}.h5")
+
+
+def test_resume_refuses_another_configuration(cifar_dir, tmp_path):
+    first = run_script("train_resnet32.py", *tiny_run(cifar_dir, tmp_path, "--epochs", "1"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    state = tmp_path / "checkpoints" / f"{RUN}.state.weights.h5"
+    before = state.read_bytes()
+    result = run_script("train_resnet32.py", *tiny_run(cifar_dir, tmp_path, "--resume", "--seed", "7"))
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "cannot resume" in line and "seed (0 vs 7 now)" in line and "Traceback" not in result.stderr
+    assert state.read_bytes() == before
