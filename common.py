@@ -45,6 +45,7 @@ IMAGE_SHAPE = (32, 32, 3)
 PIXEL_MEAN = (125.307, 122.95, 113.865)
 PIXEL_STD = (62.9932, 62.0887, 66.7048)
 SHIFT_FRACTION = 0.125  # random shifts of up to 0.125 * 32 = 4 pixels, zero fill (He et al. 2015)
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")  # Keras dtype policies
 EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for a backward pass: bigger batches, same numbers
 
 
@@ -79,7 +80,9 @@ DATASETS = {
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (UsageError) instead of usage plus a message."""
+
     def error(self, message):  # argparse prints usage and a second line; we want one line
         raise UsageError(f"{message} (see --help)")
 
@@ -147,7 +150,7 @@ def lr_at_epoch(schedule, epoch):
 
 
 def make_parser(description, add_arguments):
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
@@ -167,6 +170,10 @@ def make_parser(description, add_arguments):
                         help=f"L2 penalty on kernels: loss += wd * sum(w^2) (default {WEIGHT_DECAY:g})")
     recipe.add_argument("--seed", type=int, default=SEED,
                         help="weights, data order and augmentation all follow from it")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--precision", choices=PRECISIONS, default="float32",
+                       help="compute precision; mixed_* keep float32 weights, softmax and loss "
+                            "(mixed_float16 adds loss scaling)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--run-name", help="default: <model>_<dataset>, e.g. resnet32_e_cifar10")
     out.add_argument("--log-dir", default="logs", help="TensorBoard logs go to LOG_DIR/<run-name>/")
@@ -541,7 +548,7 @@ def final_line(**fields):
 # Training
 # ----------------------------------------------------------------------------------------------
 
-def compile_model(model, args, steps_per_epoch):
+def compile_model(model, args, steps_per_epoch, jit_compile="auto"):
     import keras
     schedule = args.lr_schedule
     if len(schedule) == 1:
@@ -552,8 +559,9 @@ def compile_model(model, args, steps_per_epoch):
         learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
             boundaries=[epoch * steps_per_epoch - 1 for epoch, _ in schedule[1:]],
             values=[lr for _, lr in schedule])
+    # jit_compile="auto": XLA on TensorFlow only with a GPU (on a CPU it is slower: bench.py), always on JAX
     model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=MOMENTUM, nesterov=True),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=jit_compile)
 
 
 def reseed_augmentation(model, seed, epoch):
@@ -572,7 +580,7 @@ def epoch_order(seed, epoch, n_images, n_used):
 
 
 # What must match for --resume to continue a run's saved state.
-RESUME_KEYS = ("model", "params", "dataset", "train_images", "batch_size", "seed")
+RESUME_KEYS = ("model", "params", "dataset", "train_images", "batch_size", "seed", "precision")
 
 
 def save_state(model, path, history, config):
@@ -671,9 +679,11 @@ def fit(model, args, data, paths, config):
     return history, seconds, images / seconds if seconds > 0 else 0.0
 
 
-def configure_backend():
-    """Session setup, run from main only: quiet TensorFlow's C++ start-up log."""
+def configure_backend(precision="float32"):
+    """Session setup, run from main and bench only: quieter TensorFlow start-up, the dtype policy."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    keras.mixed_precision.set_global_policy(precision)
 
 
 def main(description, add_arguments, run_name, build_model, check=None, argv=None):
@@ -702,7 +712,7 @@ def _run(description, add_arguments, run_name, build_model, check, argv):
     spec = DATASETS[args.dataset]
     name = args.run_name or f"{run_name(args)}_{args.dataset}"
     if args.summary:
-        configure_backend()
+        configure_backend(args.precision)
         build_model(args, spec.classes).summary()
         return
     # Fail fast: every path before any data is read or the framework is imported.
@@ -728,7 +738,7 @@ def _run(description, add_arguments, run_name, build_model, check, argv):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(data[0][0])} training images "
                          "(lower --batch-size or raise --train-limit)")
 
-    configure_backend()
+    configure_backend(args.precision)
     import keras
     keras.utils.set_random_seed(args.seed)
     model = build_model(args, spec.classes)

@@ -1,0 +1,103 @@
+"""Compare training runs: one figure of their curves and a Markdown table, as the seed articles show them.
+
+    python compare.py resnet32_a_cifar10 resnet32_e_cifar10 --out units.png
+    python compare.py logs/resnet56_a_cifar10 logs/plain56_a_cifar10 --out plain.png --zoom 20
+
+RUN is a run's log folder or a run name under --log-dir (default logs/); each holds history.csv and
+config.json, written by every training script. The figure has train accuracy, train loss, test accuracy
+and test loss per epoch for all runs (legend by run name) and a zoomed panel of the last epochs' test
+accuracy. The table (stdout) gives each run's model, parameters, checkpoint size on disk, final and best
+test accuracy, epochs and seconds per epoch. Final accuracy is the last epoch's: select on it, not on the
+best, which peeks at the test set.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+
+import common
+
+PANELS = (("accuracy", "train accuracy"), ("loss", "train loss"),
+          ("test_accuracy", "test accuracy"), ("test_loss", "test loss"))
+
+
+def load_run(run, log_dir):
+    folder = run if os.path.isdir(run) else os.path.join(log_dir, run)
+    if not os.path.isdir(folder):
+        raise common.UsageError(f"no run {run!r}: neither a folder nor a run under {log_dir}/ "
+                                "(give a log folder or a run name, see --log-dir)")
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(folder, "history.csv")) as f:
+            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except (OSError, ValueError) as error:
+        raise common.UsageError(f"cannot read run {folder}: {error} (is it a training run's log folder?)") from None
+    if not rows:
+        raise common.UsageError(f"run {folder} has no completed epoch yet")
+    return {"name": config.get("run_name", os.path.basename(os.path.normpath(folder))), "config": config,
+            "history": rows}
+
+
+def table(runs):
+    lines = ["| run | model | parameters | checkpoint MB | final test acc | best test acc | epochs | s/epoch |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        history, config = run["history"], run["config"]
+        checkpoint = config.get("checkpoint", "")
+        size = f"{os.path.getsize(checkpoint) / 1e6:.2f}" if checkpoint and os.path.isfile(checkpoint) else "-"
+        accuracies = [row["test_accuracy"] for row in history]
+        seconds = sum(row["seconds"] for row in history) / len(history)
+        lines.append(f"| {run['name']} | {config.get('model', '?')} | {config.get('params', 0):,} | {size} | "
+                     f"{accuracies[-1]:.4f} | {max(accuracies):.4f} | {len(history)} | {seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def figure(runs, out, zoom):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    for (key, title), ax in zip(PANELS, (axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1])):
+        for run in runs:
+            ax.plot([r["epoch"] + 1 for r in run["history"]], [r[key] for r in run["history"]], label=run["name"])
+        ax.set(title=title, xlabel="epoch")
+        ax.grid(alpha=0.3)
+    zoomed = axes[0, 2]
+    for run in runs:
+        tail = run["history"][-zoom:]
+        zoomed.plot([r["epoch"] + 1 for r in tail], [r["test_accuracy"] for r in tail], marker=".", label=run["name"])
+    zoomed.set(title=f"test accuracy, last {zoom} epochs", xlabel="epoch")
+    zoomed.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize="small")
+    axes[1, 2].axis("off")
+    axes[1, 2].text(0, 0.95, "\n".join(f"{run['name']}: final test acc {run['history'][-1]['test_accuracy']:.4f}"
+                                       for run in runs), va="top", family="monospace", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = common.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN")
+    parser.add_argument("--out", required=True, metavar="FIG.png", help="where to write the figure")
+    parser.add_argument("--log-dir", default="logs")
+    parser.add_argument("--zoom", type=common.positive_int, default=40, help="epochs in the zoomed panel")
+    try:
+        args = parser.parse_args(argv)
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_dir):
+            raise common.UsageError(f"--out {args.out!r}: folder {out_dir} does not exist")
+        runs = [load_run(run, args.log_dir) for run in args.runs]
+        common.atomic_write(args.out, lambda tmp: figure(runs, tmp, args.zoom))
+    except common.UsageError as error:
+        print(f"compare.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(table(runs))
+    print(f"\nfigure: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
