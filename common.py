@@ -112,6 +112,13 @@ def _nonnegative_float(text):
 positive_int = _int_at_least(1)
 
 
+def _positive_float(text):
+    value = _nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
 def stack_n(text):
     """Units per stage of a 6n+2 network: n >= 1."""
     try:
@@ -174,6 +181,14 @@ def make_parser(description, add_arguments):
     speed.add_argument("--precision", choices=PRECISIONS, default="float32",
                        help="compute precision; mixed_* keep float32 weights, softmax and loss "
                             "(mixed_float16 adds loss scaling)")
+    scale = parser.add_argument_group("scale out")
+    scale.add_argument("--distribute", action="store_true",
+                       help="data parallelism over every visible device: keras.distribution.DataParallel on "
+                            "JAX, tf.distribute.MirroredStrategy on TensorFlow; --batch-size is the global batch")
+    scale.add_argument("--lr-scale", type=_positive_float, default=1.0, metavar="K",
+                       help="multiply every --lr-schedule rate by K; linear scaling rule: K = batch size / 128")
+    scale.add_argument("--cpu-devices", type=positive_int, metavar="N",
+                       help="split the CPU into N devices, to try --distribute on a machine without GPUs")
     out = parser.add_argument_group("outputs")
     out.add_argument("--run-name", help="default: <model>_<dataset>, e.g. resnet32_e_cifar10")
     out.add_argument("--log-dir", default="logs", help="TensorBoard logs go to LOG_DIR/<run-name>/")
@@ -679,11 +694,53 @@ def fit(model, args, data, paths, config):
     return history, seconds, images / seconds if seconds > 0 else 0.0
 
 
-def configure_backend(precision="float32"):
-    """Session setup, run from main and bench only: quieter TensorFlow start-up, the dtype policy."""
+def configure_backend(precision="float32", cpu_devices=None):
+    """Session setup, run from main and bench only: quieter TensorFlow start-up, the dtype policy and,
+    for --cpu-devices, the host CPU split into several devices (before the framework starts)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import logging
+    logging.getLogger("absl").setLevel(logging.ERROR)  # .h5 is our chosen format: no "legacy" warning
+    if cpu_devices:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={cpu_devices}").strip()
     import keras
+    if cpu_devices and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
     keras.mixed_precision.set_global_policy(precision)
+
+
+def distribution(args):
+    """(scope to build and train in, number of replicas) for --distribute; the framework's own engine.
+    BatchNorm: on JAX the step is one program over the sharded global batch, so XLA all-reduces the batch
+    statistics (synchronized BN); on TensorFlow the layers are switched to synchronized=True."""
+    import contextlib
+
+    import keras
+    backend = keras.backend.backend()
+    if not args.distribute:
+        return contextlib.nullcontext(), 1
+    if backend == "jax":
+        devices = keras.distribution.list_devices()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        return contextlib.nullcontext(), len(devices)
+    if backend == "tensorflow":
+        import tensorflow as tf
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+        return strategy.scope(), strategy.num_replicas_in_sync
+    raise UsageError(f"--distribute is not supported on the {backend} backend "
+                     "(use KERAS_BACKEND=jax or tensorflow, or train without --distribute)")
+
+
+def synchronize_batch_norm(model, on):
+    """TensorFlow replicas see only their share of the batch: synchronized BN uses the global batch's
+    statistics, as one device would. Switched off again before saving (the option is TensorFlow-only)."""
+    import keras
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = on
 
 
 def main(description, add_arguments, run_name, build_model, check=None, argv=None):
@@ -709,6 +766,7 @@ def _run(description, add_arguments, run_name, build_model, check, argv):
     for key, value in RECIPE_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.lr_schedule = [(epoch, lr * args.lr_scale) for epoch, lr in args.lr_schedule]
     spec = DATASETS[args.dataset]
     name = args.run_name or f"{run_name(args)}_{args.dataset}"
     if args.summary:
@@ -738,28 +796,37 @@ def _run(description, add_arguments, run_name, build_model, check, argv):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(data[0][0])} training images "
                          "(lower --batch-size or raise --train-limit)")
 
-    configure_backend(args.precision)
+    configure_backend(args.precision, args.cpu_devices)
     import keras
+    scope, devices = distribution(args)
+    if args.batch_size % devices:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {devices} devices "
+                         f"(use a multiple of {devices})")
     keras.utils.set_random_seed(args.seed)
-    model = build_model(args, spec.classes)
-    config = _resolved_config(args, name, model, data, paths)
-    remove_stale_temporaries(args.checkpoint_dir, name)
-    for key in ("json", "log_json"):
-        write_text(paths[key], json.dumps(config, indent=2) + "\n")
-    history, seconds, images_per_s = fit(model, args, data, paths, config)
+    with scope:
+        model = build_model(args, spec.classes)
+        config = _resolved_config(args, name, model, data, paths)
+        config["devices"] = devices
+        remove_stale_temporaries(args.checkpoint_dir, name)
+        for key in ("json", "log_json"):
+            write_text(paths[key], json.dumps(config, indent=2) + "\n")
+        if args.distribute and keras.backend.backend() == "tensorflow":
+            synchronize_batch_norm(model, True)
+        history, seconds, images_per_s = fit(model, args, data, paths, config)
+        synchronize_batch_norm(model, False)
     atomic_write(paths["h5"], model.save)
     last = history[-1]
     print(f"saved {paths['h5']}, history {paths['csv']}, configuration {paths['json']}, "
           f"TensorBoard logs {paths['log_run']}")
     print(final_line(run=name, epochs=len(history), params=model.count_params(),
                      test_acc=f"{last['test_accuracy']:.4f}", test_loss=f"{last['test_loss']:.4f}",
-                     train_images_per_s=f"{images_per_s:.1f}", seconds=f"{seconds:.1f}"))
+                     train_images_per_s=f"{images_per_s:.1f}", seconds=f"{seconds:.1f}", devices=devices))
 
 
 def _resolved_config(args, name, model, data, paths):
     import keras
     config = {key: value for key, value in vars(args).items() if key not in ("summary", "evaluate", "resume")}
-    config["lr_schedule"] = ",".join(f"{epoch}:{lr:g}" for epoch, lr in args.lr_schedule)
+    config["lr_schedule"] = ",".join(f"{epoch}:{lr:g}" for epoch, lr in args.lr_schedule)  # after --lr-scale
     train_images = len(data[0][0])
     config.update(run_name=name, model=model.name, params=model.count_params(),
                   trainable_params=sum(int(np.prod(w.shape)) for w in model.trainable_weights),

@@ -45,3 +45,21 @@ def cifar_tar_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cifar100_dir(tmp_path_factory):
     return write_cifar(str(tmp_path_factory.mktemp("cifar100")), "cifar100", per_file=100, test_images=50)
+
+
+EPOCHS = 3
+TINY_RUN = ["--stack-n", "1", "--batch-size", "32", "--epochs", EPOCHS, "--lr-schedule", "0:0.05,2:0.02"]
+
+
+@pytest.fixture(scope="session", params=["tensorflow", "jax"])
+def trained(request, cifar_dir, tmp_path_factory):
+    """One real run per backend; the JAX run has TensorFlow blocked, so it proves it needs none."""
+    backend = request.param
+    out = tmp_path_factory.mktemp(f"run_{backend}")
+    result = run_script("train_resnet32.py", "--data-dir", cifar_dir, *TINY_RUN,
+                        "--log-dir", out / "logs", "--checkpoint-dir", out / "checkpoints",
+                        backend=backend, block_tensorflow=backend != "tensorflow")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return backend, out, result
+
+

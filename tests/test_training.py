@@ -15,25 +15,12 @@ import train_resnext
 from conftest import final_fields, run_script
 from test_models import parse
 
-EPOCHS = 3
-TINY_RUN = ["--stack-n", "1", "--batch-size", "32", "--epochs", EPOCHS, "--lr-schedule", "0:0.05,2:0.02"]
+from conftest import EPOCHS
 
 
 def read_history(path):
     with open(path) as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module", params=["tensorflow", "jax"])
-def trained(request, cifar_dir, tmp_path_factory):
-    """One real run per backend; the JAX run has TensorFlow blocked, so it proves it needs none."""
-    backend = request.param
-    out = tmp_path_factory.mktemp(f"run_{backend}")
-    result = run_script("train_resnet32.py", "--data-dir", cifar_dir, *TINY_RUN,
-                        "--log-dir", out / "logs", "--checkpoint-dir", out / "checkpoints",
-                        backend=backend, block_tensorflow=backend != "tensorflow")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return backend, out, result
 
 
 def test_final_line_and_outputs(trained):
