@@ -59,7 +59,7 @@ def device_name():
 
 def measure(module, family_args, batch_size, precision, jit_compile, steps, warmup, repeats):
     import keras
-    common.configure_backend(precision)
+    precision = common.configure_backend(precision)
     keras.utils.clear_session()
     family_args.batch_size, family_args.precision = batch_size, precision
     model = module.build_model(family_args, common.DATASETS[family_args.dataset].classes)
@@ -77,7 +77,7 @@ def measure(module, family_args, batch_size, precision, jit_compile, steps, warm
     first = timed_fit(warmup)  # traces and compiles, then runs `warmup` steps
     seconds = statistics.median(timed_fit(steps) for _ in range(repeats))
     step_s = seconds / steps
-    return {"model": model.name, "params": model.count_params(),
+    return {"model": model.name, "params": model.count_params(), "precision": precision,
             "images_per_s": steps * batch_size / seconds, "step_ms": 1000 * step_s,
             "compile_s": max(first - warmup * step_s, 0.0)}
 
@@ -87,7 +87,7 @@ def bench_models(argv):
                                      usage="bench.py SCRIPT [family flags] [options]")
     parser.add_argument("script", help="a family script, e.g. train_resnet32.py")
     parser.add_argument("--batch-size", type=common.positive_int, nargs="+", default=[common.BATCH_SIZE])
-    parser.add_argument("--precision", choices=common.PRECISIONS, nargs="+", default=["float32"])
+    parser.add_argument("--precision", choices=common.PRECISIONS, nargs="+", default=["auto"])
     parser.add_argument("--jit-compile", choices=("auto", "true", "false"), nargs="+", default=["auto"],
                         help="Keras compile(jit_compile=): XLA; 'auto' is what the training scripts use")
     parser.add_argument("--steps", type=common.positive_int, default=30, help="timed steps per repeat")
@@ -112,8 +112,7 @@ def bench_models(argv):
     for batch, precision, jit in itertools.product(args.batch_size, args.precision, args.jit_compile):
         jit_compile = {"auto": "auto", "true": True, "false": False}[jit]
         result = measure(module, family_args, batch, precision, jit_compile, args.steps, args.warmup, args.repeats)
-        row = {"script": name, **result, "backend": backend, "device": device, "precision": precision,
-               "batch": batch, "jit": jit}
+        row = {"script": name, "backend": backend, "device": device, **result, "batch": batch, "jit": jit}
         rows.append(row)
         print("BENCH " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
               flush=True)

@@ -1,0 +1,22 @@
+"""bench.py runs and prints its figures (it is never timed here: speed is read from its output)."""
+import re
+
+from conftest import run_script
+
+
+def test_bench_prints_a_machine_readable_line_per_configuration():
+    result = run_script("bench.py", "train_resnet32.py", "--stack-n", "1", "--batch-size", "8", "16",
+                        "--precision", "float32", "--steps", "2", "--warmup", "1", "--repeats", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH ")]
+    assert len(lines) == 2
+    for line, batch in zip(lines, ("8", "16")):
+        fields = dict(item.split("=", 1) for item in line.split()[1:])
+        assert fields["model"] == "resnet8" and fields["batch"] == batch and fields["precision"] == "float32"
+        assert float(fields["images_per_s"]) > 0 and float(fields["step_ms"]) > 0 and fields["params"] == "78666"
+    assert re.search(r"^\| resnet8 \| tensorflow \| cpu \| float32 \| 16 \|", result.stdout, re.M)
+
+
+def test_bench_refuses_an_unknown_script():
+    result = run_script("bench.py", "train_nothing.py")
+    assert result.returncode == 2 and "no family script" in result.stderr
