@@ -98,12 +98,7 @@ def bench_models(argv):
     if not os.path.isfile(os.path.join(HERE, f"{name}.py")) or not name.startswith("train_"):
         raise common.UsageError(f"no family script {args.script!r} (e.g. train_resnet32.py)")
     module = importlib.import_module(name)
-    family_args = common.make_parser("", module.add_arguments).parse_args(family_argv)
-    if hasattr(module, "check"):
-        module.check(family_args)
-    for key, value in common.RECIPE_DEFAULTS.items():
-        if getattr(family_args, key) is None:
-            setattr(family_args, key, value)
+    family_args = common.parse_args(module.add_arguments, family_argv, getattr(module, "check", None))
 
     common.configure_backend()
     import keras

@@ -691,7 +691,7 @@ def fit(model, args, data, paths, config):
     finally:
         log.close()
     seconds = time.perf_counter() - start
-    images = steps * args.batch_size * (args.epochs - first)
+    images = steps * args.batch_size * max(args.epochs - first, 0)
     return history, seconds, images / seconds if seconds > 0 else 0.0
 
 
@@ -788,7 +788,8 @@ def main(description, add_arguments, run_name, build_model, check=None, argv=Non
         sys.exit(130)
 
 
-def _run(description, add_arguments, run_name, build_model, check, argv):
+def parse_args(add_arguments, argv=None, check=None, description=None):
+    """A family's command line, checked, with the recipe's defaults filled in and --lr-scale applied."""
     args = make_parser(description, add_arguments).parse_args(argv)
     if check:
         check(args)  # may choose the family's own recipe defaults
@@ -796,6 +797,11 @@ def _run(description, add_arguments, run_name, build_model, check, argv):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.lr_schedule = [(epoch, lr * args.lr_scale) for epoch, lr in args.lr_schedule]
+    return args
+
+
+def _run(description, add_arguments, run_name, build_model, check, argv):
+    args = parse_args(add_arguments, argv, check, description)
     spec = DATASETS[args.dataset]
     name = args.run_name or f"{run_name(args)}_{args.dataset}"
     if args.summary:

@@ -41,13 +41,7 @@ MODEL_LIST = [
 
 
 def parse(module, argv):
-    args = common.make_parser("", module.add_arguments).parse_args(argv)
-    if hasattr(module, "check"):
-        module.check(args)
-    for key, value in common.RECIPE_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return common.parse_args(module.add_arguments, argv, getattr(module, "check", None))
 
 
 def build(module, argv):
