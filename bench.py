@@ -7,7 +7,7 @@ normalization and augmentation inside the step), on the current backend (KERAS_B
     python bench.py train_resnet32.py                                      # ResNet-32, batch 128, float32
     python bench.py train_resnet_v2.py --depth 110 --batch-size 128 512 --precision float32 mixed_bfloat16
     KERAS_BACKEND=jax python bench.py train_resnet_bottleneck.py --depth 50 --steps 100
-    python bench.py train_resnext.py --depth 29 --cardinality 2 --width 8 --impl grouped split
+    python bench.py train_resnext.py --cardinality 8 --width 4 --variants "--impl grouped" "--impl split"
 
 Every combination of the list-valued options is measured in one run, so compare them as ratios.
 Prints a table and one machine-readable line per configuration:
@@ -27,6 +27,7 @@ import importlib
 import itertools
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -90,6 +91,8 @@ def bench_models(argv):
     parser.add_argument("--precision", choices=common.PRECISIONS, nargs="+", default=["auto"])
     parser.add_argument("--jit-compile", choices=("auto", "true", "false"), nargs="+", default=["auto"],
                         help="Keras compile(jit_compile=): XLA; 'auto' is what the training scripts use")
+    parser.add_argument("--variants", nargs="+", default=[""], metavar="FLAGS",
+                        help='family flags measured one after the other, e.g. "--impl grouped" "--impl split"')
     parser.add_argument("--steps", type=common.positive_int, default=30, help="timed steps per repeat")
     parser.add_argument("--warmup", type=common.positive_int, default=3, help="steps run with compilation")
     parser.add_argument("--repeats", type=common.positive_int, default=3, help="median of this many timings")
@@ -98,13 +101,15 @@ def bench_models(argv):
     if not os.path.isfile(os.path.join(HERE, f"{name}.py")) or not name.startswith("train_"):
         raise common.UsageError(f"no family script {args.script!r} (e.g. train_resnet32.py)")
     module = importlib.import_module(name)
-    family_args = common.parse_args(module.add_arguments, family_argv, getattr(module, "check", None))
+    variants = [common.parse_args(module.add_arguments, family_argv + shlex.split(v), getattr(module, "check", None))
+                for v in args.variants]
 
     common.configure_backend()
     import keras
     backend, device = keras.backend.backend(), device_name()
     rows = []
-    for batch, precision, jit in itertools.product(args.batch_size, args.precision, args.jit_compile):
+    for family_args, batch, precision, jit in itertools.product(variants, args.batch_size, args.precision,
+                                                                 args.jit_compile):
         jit_compile = {"auto": "auto", "true": True, "false": False}[jit]
         result = measure(module, family_args, batch, precision, jit_compile, args.steps, args.warmup, args.repeats)
         row = {"script": name, "backend": backend, "device": device, **result, "batch": batch, "jit": jit}

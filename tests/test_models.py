@@ -138,3 +138,16 @@ def test_resnext_split_and_grouped_parameter_counts_match_at_full_size():
     for depth, c, d in ((29, 8, 64), (50, 32, 4), (50, 4, 32)):
         assert (train_resnext.resnext(depth, c, d, "grouped").count_params()
                 == train_resnext.resnext(depth, c, d, "split").count_params())
+
+
+@pytest.mark.parametrize("extension", [".h5", ".keras"])
+def test_resnext_split_form_saves_and_reloads_safely(tmp_path, extension):
+    import keras
+    split = train_resnext.resnext(29, cardinality=2, width=2, impl="split")
+    randomize_batchnorm(split)
+    path = str(tmp_path / f"split{extension}")
+    common.atomic_write(path, split.save)
+    reloaded = keras.models.load_model(path, compile=False, safe_mode=True)
+    x = random_images()
+    np.testing.assert_array_equal(split.predict(x, verbose=0), reloaded.predict(x, verbose=0))
+    assert not any(isinstance(layer, keras.layers.Lambda) for layer in reloaded.layers)
