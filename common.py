@@ -728,8 +728,11 @@ def configure_backend(precision="float32", cpu_devices=None):
     import logging
     logging.getLogger("absl").setLevel(logging.ERROR)  # .h5 is our chosen format: no "legacy" warning
     if cpu_devices:
+        # CPU "devices" share the cores, so one may reach a collective long after the other: XLA's
+        # default 40 s rendezvous timeout then aborts a healthy run on a small machine.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={cpu_devices}").strip()
+                                   + f" --xla_force_host_platform_device_count={cpu_devices}"
+                                   + " --xla_cpu_collective_call_terminate_timeout_seconds=900").strip()
     import keras
     if cpu_devices and keras.backend.backend() == "tensorflow":
         import tensorflow as tf

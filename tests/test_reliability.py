@@ -95,7 +95,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     common.compile_model(model, args, steps_per_epoch=2)
     model.optimizer.build(model.trainable_variables)
     config = {"model": model.name, "params": model.count_params(), "dataset": "cifar10", "train_images": 64,
-              "batch_size": 32, "seed": 0}
+              "batch_size": 32, "seed": 0, "precision": "float32"}
     path = str(tmp_path / f"{RUN}.state.weights.h5")
     rows = [{"epoch": 0, "loss": 1.0}]
     common.save_state(model, path, rows, config)
