@@ -506,10 +506,11 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def remove_stale_temporaries(directory, name):
-    """Temporaries a killed run left behind for `name`: never a complete file, safe to delete."""
+def remove_stale_temporaries(directory, filenames):
+    """Temporaries a killed run left behind for these exact file names (another run's, e.g. the same model
+    on cifar100, are left alone): never a complete file, safe to delete."""
     for entry in os.listdir(directory):
-        if entry.startswith(TMP_PREFIX) and entry.split("-", 2)[-1].startswith(name):
+        if entry.startswith(TMP_PREFIX) and entry.split("-", 2)[-1] in filenames:
             os.remove(os.path.join(directory, entry))
 
 
@@ -650,10 +651,13 @@ def fit(model, args, data, paths, config):
         print(f"resuming {config['run_name']} after epoch {len(history)} from {paths['state']}")
     elif args.resume:
         print(f"nothing to resume at {paths['state']}: starting {config['run_name']} from epoch 1")
+    def write_histories():  # next to the checkpoint and in the log folder (compare.py reads the latter)
+        for key in ("csv", "log_csv"):
+            write_history(paths[key], history)
+
     # The CSV and TensorBoard files are derived from the saved history: rewritten now, each epoch is in
     # them exactly once whatever moment an earlier run was killed at.
-    for key in ("csv", "log_csv"):
-        write_history(paths[key], history)
+    write_histories()
     _clear_old_events(paths["log_run"])
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
     # fit() runs one epoch per call on our own shuffled order; this stops it after that epoch while
@@ -685,8 +689,7 @@ def fit(model, args, data, paths, config):
                             "learning_rate": lr_at_epoch(args.lr_schedule, epoch),
                             "seconds": round(time.perf_counter() - epoch_start, 3)})
             save_state(model, paths["state"], history, config)
-            for key in ("csv", "log_csv"):
-                write_history(paths[key], history)
+            write_histories()
             log.write(history[-1])
     finally:
         log.close()
@@ -845,7 +848,8 @@ def _run(description, add_arguments, run_name, build_model, check, argv):
         model = build_model(args, spec.classes)
         config = _resolved_config(args, name, model, data, paths)
         config["devices"] = devices
-        remove_stale_temporaries(args.checkpoint_dir, name)
+        remove_stale_temporaries(args.checkpoint_dir,
+                                  {os.path.basename(paths[k]) for k in ("h5", "csv", "json", "state")})
         for key in ("json", "log_json"):
             write_text(paths[key], json.dumps(config, indent=2) + "\n")
         if args.distribute and keras.backend.backend() == "tensorflow":

@@ -111,7 +111,9 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert common.restore_state(fresh, path, config) == rows
     for a, b in zip(model.weights, fresh.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    common.remove_stale_temporaries(str(tmp_path), RUN)
+    common.remove_stale_temporaries(str(tmp_path), {f"{RUN}0.state.weights.h5"})  # another run's: kept
+    assert glob.glob(str(tmp_path / ".tmp-*"))
+    common.remove_stale_temporaries(str(tmp_path), {f"{RUN}.state.weights.h5"})
     assert not glob.glob(str(tmp_path / ".tmp-*"))
 
 
