@@ -8,19 +8,21 @@ normalization and augmentation inside the step), on the current backend (KERAS_B
     python bench.py train_resnet_v2.py --depth 110 --batch-size 128 512 --precision float32 mixed_bfloat16
     KERAS_BACKEND=jax python bench.py train_resnet_bottleneck.py --depth 50 --steps 100
     python bench.py train_resnext.py --cardinality 8 --width 4 --variants "--impl grouped" "--impl split"
+    python bench.py train_resnet32.py --batch-norm auto keras   # fused (TensorFlow CPU) vs Keras's BatchNorm
 
 Every combination of the list-valued options is measured in one run, so compare them as ratios.
 Prints a table and one machine-readable line per configuration:
-    BENCH script=... model=... backend=... device=... precision=... batch=... jit=... images_per_s=...
+    BENCH script=... model=... backend=... device=... params=... precision=... bn=... batch=... jit=... images_per_s=...
           step_ms=... compile_s=...
 
 Our whole training path against the seed article's Keras 2 recipe, side by side on the same data:
 
-    python bench.py --versus-seed DATA_DIR [--train-images 10000] [--rounds 2]
+    python bench.py --versus-seed DATA_DIR [--train-images 10000] [--rounds 3] [--ours "--precision float32"]
 
 runs ../shared/bench/seed_recipe.py (needs tf-keras and scipy) and train_resnet32.py --epochs 1 in turn,
 each on the first N training images with the test set evaluated once, and prints both images/s (whole
-fit, evaluation included) and their ratio.
+fit, evaluation included) and their ratio (the median of the rounds' ratios: each round's two runs are
+neighbours in time, which is what survives a noisy machine).
 """
 import argparse
 import importlib
@@ -58,29 +60,30 @@ def device_name():
         " ", "_") if gpus else "cpu"
 
 
-def measure(module, family_args, batch_size, precision, jit_compile, steps, warmup, repeats):
+def prepare(module, family_args, batch_size, precision, jit_compile, batch_norm, steps, warmup):
+    """Builds and compiles one configuration and runs its first `warmup` steps (tracing and compilation).
+    Returns (its description, seconds of that first fit, a function timing a fit of n steps)."""
     import keras
     precision = common.configure_backend(precision)
-    keras.utils.clear_session()
     family_args.batch_size, family_args.precision = batch_size, precision
     model = module.build_model(family_args, common.DATASETS[family_args.dataset].classes)
+    if batch_norm == "keras":  # Keras's own BatchNormalization instead of the fused one used on TensorFlow's CPU
+        model = common.with_batch_normalization(model, keras.layers.BatchNormalization)
+    norms = {type(l).__name__ for l in model.layers if isinstance(l, keras.layers.BatchNormalization)}
     common.compile_model(model, family_args, steps_per_epoch=steps, jit_compile=jit_compile)
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(steps * batch_size, *common.IMAGE_SHAPE), dtype=np.uint8)
+    x = rng.integers(0, 256, size=(max(steps, warmup) * batch_size, *common.IMAGE_SHAPE), dtype=np.uint8)
     y = rng.integers(0, common.DATASETS[family_args.dataset].classes, size=len(x)).astype(np.int32)
 
     def timed_fit(n_steps):
         start = time.perf_counter()
-        model.fit(x[:n_steps * batch_size], y[:n_steps * batch_size], batch_size=batch_size, epochs=1,
+        model.fit(*common.batches(x[:n_steps * batch_size], y[:n_steps * batch_size], batch_size), epochs=1,
                   shuffle=False, verbose=0)
         return time.perf_counter() - start
 
-    first = timed_fit(warmup)  # traces and compiles, then runs `warmup` steps
-    seconds = statistics.median(timed_fit(steps) for _ in range(repeats))
-    step_s = seconds / steps
-    return {"model": model.name, "params": model.count_params(), "precision": precision,
-            "images_per_s": steps * batch_size / seconds, "step_ms": 1000 * step_s,
-            "compile_s": max(first - warmup * step_s, 0.0)}
+    description = {"model": model.name, "params": model.count_params(), "precision": precision,
+                   "bn": ",".join(sorted(norms)) or "none"}
+    return description, timed_fit(warmup), timed_fit
 
 
 def bench_models(argv):
@@ -91,8 +94,10 @@ def bench_models(argv):
     parser.add_argument("--precision", choices=common.PRECISIONS, nargs="+", default=["auto"])
     parser.add_argument("--jit-compile", choices=("auto", "true", "false"), nargs="+", default=["auto"],
                         help="Keras compile(jit_compile=): XLA; 'auto' is what the training scripts use")
+    parser.add_argument("--batch-norm", choices=("auto", "keras"), nargs="+", default=["auto"],
+                        help="'auto': the class the scripts use (fused on TensorFlow's CPU); 'keras': Keras's own")
     parser.add_argument("--variants", nargs="+", default=[""], metavar="FLAGS",
-                        help='family flags measured one after the other, e.g. "--impl grouped" "--impl split"')
+                        help='family flags, each a configuration, e.g. "--impl grouped" "--impl split"')
     parser.add_argument("--steps", type=common.positive_int, default=30, help="timed steps per repeat")
     parser.add_argument("--warmup", type=common.positive_int, default=3, help="steps run with compilation")
     parser.add_argument("--repeats", type=common.positive_int, default=3, help="median of this many timings")
@@ -107,19 +112,30 @@ def bench_models(argv):
     common.configure_backend()
     import keras
     backend, device = keras.backend.backend(), device_name()
+    configs = list(itertools.product(variants, args.batch_size, args.precision, args.jit_compile, args.batch_norm))
+    prepared = [prepare(module, family_args, batch, precision, {"auto": "auto", "true": True, "false": False}[jit],
+                        batch_norm, args.steps, args.warmup)
+                for family_args, batch, precision, jit, batch_norm in configs]
+    # Repeats go round-robin over the configurations, so a slow spell of the machine hits all of them.
+    timings = [[] for _ in prepared]
+    for _ in range(args.repeats):
+        for (_, _, timed_fit), seconds in zip(prepared, timings):
+            seconds.append(timed_fit(args.steps))
     rows = []
-    for family_args, batch, precision, jit in itertools.product(variants, args.batch_size, args.precision,
-                                                                 args.jit_compile):
-        jit_compile = {"auto": "auto", "true": True, "false": False}[jit]
-        result = measure(module, family_args, batch, precision, jit_compile, args.steps, args.warmup, args.repeats)
-        row = {"script": name, "backend": backend, "device": device, **result, "batch": batch, "jit": jit}
+    for (_, batch, _, jit, _), (description, first, _), seconds in zip(configs, prepared, timings):
+        step_s = statistics.median(seconds) / args.steps
+        row = {"script": name, "backend": backend, "device": device, **description, "batch": batch, "jit": jit,
+               "images_per_s": batch / step_s, "step_ms": 1000 * step_s,
+               "compile_s": max(first - args.warmup * step_s, 0.0)}
         rows.append(row)
         print("BENCH " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
               flush=True)
-    print(f"\n| model | backend | device | precision | batch | jit | images/s | step ms | compile s | s/epoch (50k) |")
-    print("|---|---|---|---|---:|---|---:|---:|---:|---:|")
+    print("\n| model | backend | device | precision | batch | jit | BatchNormalization | images/s | step ms "
+          "| compile s | s/epoch (50k) |")
+    print("|---|---|---|---|---:|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['backend']} | {r['device']} | {r['precision']} | {r['batch']} | {r['jit']} | "
+              f"{r['bn']} | "
               f"{r['images_per_s']:.0f} | {r['step_ms']:.1f} | {r['compile_s']:.1f} | "
               f"{50000 / r['images_per_s']:.1f} |")
 
@@ -130,6 +146,8 @@ def versus_seed(argv):
     parser.add_argument("--train-images", type=common.positive_int, default=10000)
     parser.add_argument("--rounds", type=common.positive_int, default=1, help="alternate runs; medians reported")
     parser.add_argument("--seed-script", default=SEED_RECIPE)
+    parser.add_argument("--ours", default="", metavar="FLAGS", help='more train_resnet32.py flags, e.g. '
+                        '"--precision float32"')
     args = parser.parse_args(argv)
     common.find_local_data(args.versus_seed, "cifar10")
     if not os.path.isfile(args.seed_script):
@@ -146,6 +164,7 @@ def versus_seed(argv):
             print(found.group(0), flush=True)
             our_run = subprocess.run([sys.executable, os.path.join(HERE, "train_resnet32.py"), "--data-dir",
                                       args.versus_seed, "--train-limit", str(args.train_images), "--epochs", "1",
+                                      *shlex.split(args.ours),
                                       "--log-dir", out, "--checkpoint-dir", out], capture_output=True, text=True)
             line = our_run.stdout.strip().splitlines()[-1] if our_run.stdout.strip() else ""
             found = re.search(r"train_images_per_s=([\d.]+)", line)
@@ -153,9 +172,11 @@ def versus_seed(argv):
                 raise common.UsageError(f"train_resnet32.py failed: {our_run.stderr.strip().splitlines()[-1:]}")
             ours.append(float(found.group(1)))
             print(line, flush=True)
-    ratio = statistics.median(ours) / statistics.median(seed)
+    # Each round's two runs are neighbours in time: their ratio is what survives a noisy machine.
+    ratios = [o / s for o, s in zip(ours, seed)]
     print(f"VERSUS_SEED train_images={args.train_images} rounds={args.rounds} seed_images_per_s="
-          f"{statistics.median(seed):.1f} ours_images_per_s={statistics.median(ours):.1f} ratio={ratio:.2f}")
+          f"{statistics.median(seed):.1f} ours_images_per_s={statistics.median(ours):.1f} "
+          f"ratio={statistics.median(ratios):.2f} round_ratios={','.join(f'{r:.2f}' for r in ratios)}")
 
 
 def main():

@@ -6,13 +6,17 @@ from conftest import run_script
 
 def test_bench_prints_a_machine_readable_line_per_configuration():
     result = run_script("bench.py", "train_resnet32.py", "--stack-n", "1", "--batch-size", "8", "16",
-                        "--precision", "float32", "--steps", "2", "--warmup", "1", "--repeats", "1")
+                        "--precision", "float32", "--batch-norm", "auto", "keras",
+                        "--steps", "2", "--warmup", "1", "--repeats", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH ")]
-    assert len(lines) == 2
-    for line, batch in zip(lines, ("8", "16")):
+    assert len(lines) == 4
+    # the default backend here is TensorFlow on a CPU: the scripts' class is the fused one
+    for line, (batch, bn) in zip(lines, [(b, n) for b in ("8", "16")
+                                          for n in ("FusedBatchNormalization", "BatchNormalization")]):
         fields = dict(item.split("=", 1) for item in line.split()[1:])
         assert fields["model"] == "resnet8" and fields["batch"] == batch and fields["precision"] == "float32"
+        assert fields["bn"] == bn
         assert float(fields["images_per_s"]) > 0 and float(fields["step_ms"]) > 0 and fields["params"] == "78666"
     assert re.search(r"^\| resnet8 \| tensorflow \| cpu \| float32 \| 16 \|", result.stdout, re.M)
 

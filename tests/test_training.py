@@ -75,9 +75,12 @@ def test_saved_h5_reloads_to_identical_predictions(cifar_dir, tmp_path):
     common.compile_model(model, parse(train_resnet32, []), steps_per_epoch=2)
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     path = str(tmp_path / "model.h5")
-    common.atomic_write(path, model.save)
-    reloaded = keras.models.load_model(path, compile=False)
-    np.testing.assert_array_equal(model.predict(xt, verbose=0), reloaded.predict(xt, verbose=0))
+    common.save_model(model, path)
+    reloaded = keras.models.load_model(path, compile=False)  # Keras's own classes (test_fast_path.py)
+    np.testing.assert_allclose(reloaded.predict(xt, verbose=0), model.predict(xt, verbose=0), rtol=1e-5, atol=1e-6)
+    # with the kernels training used (what --evaluate does), the very same numbers
+    same_kernels = common.with_batch_normalization(reloaded, common.batch_normalization_class())
+    np.testing.assert_array_equal(same_kernels.predict(xt, verbose=0), model.predict(xt, verbose=0))
     assert [l.name for l in reloaded.layers] == [l.name for l in model.layers]
 
 

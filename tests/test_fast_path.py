@@ -1,0 +1,99 @@
+"""The speed measures of the training path (README "Performance") change no numbers: the fused
+BatchNormalization used on TensorFlow's CPU computes what Keras's does, checkpoints hold Keras's own
+classes, and the tf.data pipeline feeds exactly the arrays, in order."""
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import common
+import train_resnet32
+from test_models import build
+
+TENSORFLOW_ONLY = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow backend only")
+
+
+@pytest.fixture
+def policy():
+    yield keras.mixed_precision.set_global_policy
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def forward_and_backward(layer, x, weights):
+    import tensorflow as tf
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(tf.cast(x, layer.compute_dtype), training=True)
+        loss = tf.reduce_sum(tf.cast(y, "float32") * weights)
+    grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+    return [np.asarray(tf.cast(t, "float32")) for t in (y, *grads, layer.moving_mean, layer.moving_variance,
+                                                           layer(x, training=False))]
+
+
+@TENSORFLOW_ONLY
+@pytest.mark.parametrize("precision, rtol", [("float32", 1e-5), ("mixed_bfloat16", 1e-2)])
+def test_fused_batch_normalization_computes_what_keras_does(policy, precision, rtol):
+    import tensorflow as tf
+    fused = common.batch_normalization_class()
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("the fused class is used on TensorFlow's CPU only")
+    assert fused is not keras.layers.BatchNormalization and issubclass(fused, keras.layers.BatchNormalization)
+    policy(precision)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(2.0, 3.0, (8, 6, 6, 16)).astype("float32"))
+    weights = tf.constant(rng.normal(0.0, 1.0, (8, 6, 6, 16)).astype("float32"))
+    gamma = rng.normal(1.0, 0.2, 16).astype("float32")
+    results = []
+    for cls in (keras.layers.BatchNormalization, fused):
+        layer = cls(momentum=common.BN_MOMENTUM, epsilon=common.BN_EPSILON)
+        layer.build(x.shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(gamma - 1.0)
+        results.append(forward_and_backward(layer, x, weights))
+    names = ["output", "input gradient", "gamma gradient", "beta gradient", "moving mean", "moving variance",
+             "inference output"]
+    for name, expected, got in zip(names, *results):
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * np.abs(expected).max(), err_msg=name)
+
+
+def test_saved_checkpoint_loads_in_plain_keras(trained):
+    """The .h5 of a real run loads in a Python that cannot import this project, with Keras's own classes."""
+    _, out, _ = trained
+    path = out / "checkpoints" / "resnet8_e_cifar10.h5"
+    code = ("import sys, keras; m = keras.models.load_model(sys.argv[1], compile=False); "
+            "print(sorted({type(l).__module__.split('.')[0] for l in m.layers}), m.count_params())")
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=out, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "['keras'] 78666"
+
+
+def test_model_converts_between_batch_norm_classes_keeping_weights():
+    model = build(train_resnet32, ["--stack-n", "1"])
+    plain = common.with_batch_normalization(model, keras.layers.BatchNormalization)
+    norms = [layer for layer in plain.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(type(layer) is keras.layers.BatchNormalization for layer in norms)
+    assert [layer.name for layer in plain.layers] == [layer.name for layer in model.layers]
+    for a, b in zip(model.weights, plain.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
+    np.testing.assert_allclose(plain.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    assert common.with_batch_normalization(plain, keras.layers.BatchNormalization) is plain
+
+
+@TENSORFLOW_ONLY
+def test_tf_data_batches_are_the_arrays_in_order():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (100, 32, 32, 3)).astype("uint8")
+    y = rng.integers(0, 10, 100).astype("int32")
+    data = common.batches(x, y, 32)
+    assert data.y is None and data.batch_size is None
+    assert not data.x.options().autotune.enabled
+    got = list(data.x.as_numpy_iterator())
+    assert [len(b[0]) for b in got] == [32, 32, 32, 4] and got[0][0].dtype == np.uint8
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in got]), x)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in got]), y)
