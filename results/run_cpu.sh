@@ -16,3 +16,15 @@ python compare.py resnet20_a_cifar10 plain20_a_cifar10 --log-dir results/logs --
   --out results/plain_vs_resnet_cpu.png > results/plain_vs_resnet_cpu.md
 python compare.py resnet20_e_cifar10 resnet20_e_float32_cifar10 --log-dir results/logs --zoom 6 \
   --out results/precision_cpu.png > results/precision_cpu.md
+# After fused BatchNormalization and the tf.data pipeline (the training path of results/performance_cpu.md):
+# mixed precision against float32 once more, same settings, seeds 0 and 1.
+for seed in 0 1; do
+  suffix=$([ "$seed" = 0 ] && echo "" || echo "_seed$seed")
+  python train_resnet_variants.py --unit e --precision mixed_bfloat16 --seed "$seed" \
+    --run-name "resnet20_e_fused_bf16${suffix}_cifar10" "${COMMON[@]}"
+  python train_resnet_variants.py --unit e --precision float32 --seed "$seed" \
+    --run-name "resnet20_e_fused_float32${suffix}_cifar10" "${COMMON[@]}"
+done
+python compare.py resnet20_e_fused_bf16_cifar10 resnet20_e_fused_float32_cifar10 resnet20_e_fused_bf16_seed1_cifar10 \
+  resnet20_e_fused_float32_seed1_cifar10 --log-dir results/logs --zoom 6 \
+  --out results/precision_fused_cpu.png > results/precision_fused_cpu.md
