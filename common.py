@@ -763,6 +763,7 @@ def fit(model, args, data, paths, config):
     # the progress bar still says "Epoch 82/200".
     stop_after_one_epoch = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", True))
+    test = batches(x_test, y_test, EVAL_BATCH_SIZE)  # the same every epoch: built once
     log = ScalarLog(paths["log_run"])
     start = time.perf_counter()
     first = len(history)
@@ -774,7 +775,6 @@ def fit(model, args, data, paths, config):
             reseed_augmentation(model, args.seed, epoch)
             order = epoch_order(args.seed, epoch, len(x_train), steps * args.batch_size)
             train = batches(x_train[order], y_train[order], args.batch_size)
-            test = batches(x_test, y_test, EVAL_BATCH_SIZE)
             result = model.fit(*train, epochs=args.epochs, initial_epoch=epoch, shuffle=False,
                                validation_data=(test.x, test.y), validation_batch_size=test.batch_size,
                                verbose=verbose,
