@@ -17,8 +17,8 @@ python compare.py resnet20_a_cifar10 plain20_a_cifar10 --log-dir results/logs --
 python compare.py resnet20_e_cifar10 resnet20_e_float32_cifar10 --log-dir results/logs --zoom 6 \
   --out results/precision_cpu.png > results/precision_cpu.md
 # After fused BatchNormalization and the tf.data pipeline (the training path of results/performance_cpu.md):
-# mixed precision against float32 once more, same settings, seeds 0 and 1.
-for seed in 0 1; do
+# mixed precision against float32 once more, same settings, seeds 0 to 4 (2 to 4 added in a later session).
+for seed in 0 1 2 3 4; do
   suffix=$([ "$seed" = 0 ] && echo "" || echo "_seed$seed")
   python train_resnet_variants.py --unit e --precision mixed_bfloat16 --seed "$seed" \
     --run-name "resnet20_e_fused_bf16${suffix}_cifar10" "${COMMON[@]}"
@@ -28,3 +28,15 @@ done
 python compare.py resnet20_e_fused_bf16_cifar10 resnet20_e_fused_float32_cifar10 resnet20_e_fused_bf16_seed1_cifar10 \
   resnet20_e_fused_float32_seed1_cifar10 --log-dir results/logs --zoom 6 \
   --out results/precision_fused_cpu.png > results/precision_fused_cpu.md
+# The same pairs over 15 epochs, seeds 0 to 2 (results/README.md, "Precision over several seeds").
+LONGER=(--data-dir data --train-limit 10000 --stack-n 3 --epochs 15 --lr-schedule 0:0.1,8:0.01,12:0.001 --log-dir results/logs)
+for seed in 0 1 2; do
+  for precision in mixed_bfloat16 float32; do
+    short=$([ "$precision" = float32 ] && echo float32 || echo bf16)
+    python train_resnet_variants.py --unit e --precision "$precision" --seed "$seed" \
+      --run-name "resnet20_e_15ep_${short}_seed${seed}_cifar10" "${LONGER[@]}"
+  done
+done
+python compare.py resnet20_e_15ep_{bf16,float32}_seed0_cifar10 resnet20_e_15ep_{bf16,float32}_seed1_cifar10 \
+  resnet20_e_15ep_{bf16,float32}_seed2_cifar10 --log-dir results/logs --zoom 8 \
+  --out results/precision_15ep_cpu.png > results/precision_15ep_cpu.md
