@@ -1002,11 +1002,11 @@ def _evaluate(args, name, spec):
         model = keras.models.load_model(args.evaluate, compile=False)
     except Exception as error:
         raise UsageError(f"cannot load {args.evaluate}: {str(error).splitlines()[0]}") from None
-    model = with_batch_normalization(model, batch_normalization_class())  # the kernels training evaluated with
     classes = model.output_shape[-1]
     if classes != spec.classes:
         raise UsageError(f"{args.evaluate} predicts {classes} classes but {spec.title} has {spec.classes} "
                          "(is --dataset right?)")
+    model = with_batch_normalization(model, batch_normalization_class())  # the kernels training evaluated with
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     start = time.perf_counter()
     loss, accuracy = model.evaluate(*batches(x_test, y_test, EVAL_BATCH_SIZE), verbose=0)
