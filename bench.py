@@ -39,6 +39,11 @@ import time
 import numpy as np
 
 import common
+from batch_norm import with_batch_normalization
+from cifar_data import DATASETS, IMAGE_SHAPE, find_local_data
+from devices import PRECISIONS, configure_backend
+from errors import UsageError
+from training import batches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED_RECIPE = os.path.join(HERE, "..", "shared", "bench", "seed_recipe.py")
@@ -64,20 +69,20 @@ def prepare(module, family_args, batch_size, precision, jit_compile, batch_norm,
     """Builds and compiles one configuration and runs its first `warmup` steps (tracing and compilation).
     Returns (its description, seconds of that first fit, a function timing a fit of n steps)."""
     import keras
-    precision = common.configure_backend(precision)
+    precision = configure_backend(precision)
     family_args.batch_size, family_args.precision = batch_size, precision
-    model = module.build_model(family_args, common.DATASETS[family_args.dataset].classes)
+    model = module.build_model(family_args, DATASETS[family_args.dataset].classes)
     if batch_norm == "keras":  # Keras's own BatchNormalization instead of the fused one used on TensorFlow's CPU
-        model = common.with_batch_normalization(model, keras.layers.BatchNormalization)
+        model = with_batch_normalization(model, keras.layers.BatchNormalization)
     norms = {type(l).__name__ for l in model.layers if isinstance(l, keras.layers.BatchNormalization)}
     common.compile_model(model, family_args, steps_per_epoch=steps, jit_compile=jit_compile)
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(max(steps, warmup) * batch_size, *common.IMAGE_SHAPE), dtype=np.uint8)
-    y = rng.integers(0, common.DATASETS[family_args.dataset].classes, size=len(x)).astype(np.int32)
+    x = rng.integers(0, 256, size=(max(steps, warmup) * batch_size, *IMAGE_SHAPE), dtype=np.uint8)
+    y = rng.integers(0, DATASETS[family_args.dataset].classes, size=len(x)).astype(np.int32)
 
     def timed_fit(n_steps):
         start = time.perf_counter()
-        model.fit(*common.batches(x[:n_steps * batch_size], y[:n_steps * batch_size], batch_size), epochs=1,
+        model.fit(*batches(x[:n_steps * batch_size], y[:n_steps * batch_size], batch_size), epochs=1,
                   shuffle=False, verbose=0)
         return time.perf_counter() - start
 
@@ -91,7 +96,7 @@ def bench_models(argv):
                                      usage="bench.py SCRIPT [family flags] [options]")
     parser.add_argument("script", help="a family script, e.g. train_resnet32.py")
     parser.add_argument("--batch-size", type=common.positive_int, nargs="+", default=[common.BATCH_SIZE])
-    parser.add_argument("--precision", choices=common.PRECISIONS, nargs="+", default=["auto"])
+    parser.add_argument("--precision", choices=PRECISIONS, nargs="+", default=["auto"])
     parser.add_argument("--jit-compile", choices=("auto", "true", "false"), nargs="+", default=["auto"],
                         help="Keras compile(jit_compile=): XLA; 'auto' is what the training scripts use")
     parser.add_argument("--batch-norm", choices=("auto", "keras"), nargs="+", default=["auto"],
@@ -104,12 +109,12 @@ def bench_models(argv):
     args, family_argv = parser.parse_known_args(argv)
     name = os.path.splitext(os.path.basename(args.script))[0]
     if not os.path.isfile(os.path.join(HERE, f"{name}.py")) or not name.startswith("train_"):
-        raise common.UsageError(f"no family script {args.script!r} (e.g. train_resnet32.py)")
+        raise UsageError(f"no family script {args.script!r} (e.g. train_resnet32.py)")
     module = importlib.import_module(name)
     variants = [common.parse_args(module.add_arguments, family_argv + shlex.split(v), getattr(module, "check", None))
                 for v in args.variants]
 
-    common.configure_backend()
+    configure_backend()
     import keras
     backend, device = keras.backend.backend(), device_name()
     configs = list(itertools.product(variants, args.batch_size, args.precision, args.jit_compile, args.batch_norm))
@@ -149,9 +154,9 @@ def versus_seed(argv):
     parser.add_argument("--ours", default="", metavar="FLAGS", help='more train_resnet32.py flags, e.g. '
                         '"--precision float32"')
     args = parser.parse_args(argv)
-    common.find_local_data(args.versus_seed, "cifar10")
+    find_local_data(args.versus_seed, "cifar10")
     if not os.path.isfile(args.seed_script):
-        raise common.UsageError(f"seed recipe not found at {args.seed_script} (give --seed-script)")
+        raise UsageError(f"seed recipe not found at {args.seed_script} (give --seed-script)")
     ours, seed = [], []
     with tempfile.TemporaryDirectory() as out:
         for _ in range(args.rounds):
@@ -159,7 +164,7 @@ def versus_seed(argv):
                                        "--train-images", str(args.train_images)], capture_output=True, text=True)
             found = re.search(r"SEED_RECIPE images_per_s=([\d.]+).*test_acc=([\d.]+)", seed_run.stdout)
             if not found:
-                raise common.UsageError(f"the seed recipe failed: {seed_run.stderr.strip().splitlines()[-1:]}")
+                raise UsageError(f"the seed recipe failed: {seed_run.stderr.strip().splitlines()[-1:]}")
             seed.append(float(found.group(1)))
             print(found.group(0), flush=True)
             our_run = subprocess.run([sys.executable, os.path.join(HERE, "train_resnet32.py"), "--data-dir",
@@ -169,7 +174,7 @@ def versus_seed(argv):
             line = our_run.stdout.strip().splitlines()[-1] if our_run.stdout.strip() else ""
             found = re.search(r"train_images_per_s=([\d.]+)", line)
             if not found:
-                raise common.UsageError(f"train_resnet32.py failed: {our_run.stderr.strip().splitlines()[-1:]}")
+                raise UsageError(f"train_resnet32.py failed: {our_run.stderr.strip().splitlines()[-1:]}")
             ours.append(float(found.group(1)))
             print(line, flush=True)
     # Each round's two runs are neighbours in time: their ratio is what survives a noisy machine.
@@ -185,7 +190,7 @@ def main():
             versus_seed(sys.argv[1:])
         else:
             bench_models(sys.argv[1:])
-    except common.UsageError as error:
+    except UsageError as error:
         print(f"bench.py: error: {error}", file=sys.stderr)
         sys.exit(2)
 

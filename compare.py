@@ -17,6 +17,8 @@ import os
 import sys
 
 import common
+from errors import UsageError
+from outputs import atomic_write
 
 PANELS = (("accuracy", "train accuracy"), ("loss", "train loss"),
           ("test_accuracy", "test accuracy"), ("test_loss", "test loss"))
@@ -25,7 +27,7 @@ PANELS = (("accuracy", "train accuracy"), ("loss", "train loss"),
 def load_run(run, log_dir):
     folder = run if os.path.isdir(run) else os.path.join(log_dir, run)
     if not os.path.isdir(folder):
-        raise common.UsageError(f"no run {run!r}: neither a folder nor a run under {log_dir}/ "
+        raise UsageError(f"no run {run!r}: neither a folder nor a run under {log_dir}/ "
                                 "(give a log folder or a run name, see --log-dir)")
     try:
         with open(os.path.join(folder, "config.json")) as f:
@@ -33,9 +35,9 @@ def load_run(run, log_dir):
         with open(os.path.join(folder, "history.csv")) as f:
             rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     except (OSError, ValueError) as error:
-        raise common.UsageError(f"cannot read run {folder}: {error} (is it a training run's log folder?)") from None
+        raise UsageError(f"cannot read run {folder}: {error} (is it a training run's log folder?)") from None
     if not rows:
-        raise common.UsageError(f"run {folder} has no completed epoch yet")
+        raise UsageError(f"run {folder} has no completed epoch yet")
     return {"name": config.get("run_name", os.path.basename(os.path.normpath(folder))), "config": config,
             "history": rows}
 
@@ -89,10 +91,10 @@ def main(argv=None):
         args = parser.parse_args(argv)
         out_dir = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(out_dir):
-            raise common.UsageError(f"--out {args.out!r}: folder {out_dir} does not exist")
+            raise UsageError(f"--out {args.out!r}: folder {out_dir} does not exist")
         runs = [load_run(run, args.log_dir) for run in args.runs]
-        common.atomic_write(args.out, lambda tmp: figure(runs, tmp, args.zoom))
-    except common.UsageError as error:
+        atomic_write(args.out, lambda tmp: figure(runs, tmp, args.zoom))
+    except UsageError as error:
         print(f"compare.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(table(runs))

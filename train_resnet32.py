@@ -18,7 +18,7 @@ one by one as the seed article first does, `resnet` is the compact unit-function
 from functools import partial
 
 import common
-from common import UNITS, Style, Unit, residual_unit, stack
+from units import UNITS, Style, Unit, bn_relu_gap_head, model_from, residual_unit, stack
 
 STEM_FILTERS = 16
 STAGE_FILTERS = (16, 32, 64)  # He et al. 2015, §4.2: feature maps 32x32, 16x16, 8x8
@@ -42,8 +42,8 @@ def resnet(stack_n=STACK_N, unit=UNITS["e"], classes=10, style=Style(), plain=Fa
     inputs, x = common.image_input()
     x = style.conv(STEM_FILTERS, 3, name="stem_conv")(x)
     x = stack(x, stages(stack_n), partial(residual_unit, unit=unit, style=style, shortcut=not plain))
-    outputs = common.bn_relu_gap_head(x, classes, style)
-    return common.model_from(inputs, outputs, name or f"resnet{depth(stack_n)}")
+    outputs = bn_relu_gap_head(x, classes, style)
+    return model_from(inputs, outputs, name or f"resnet{depth(stack_n)}")
 
 
 def resnet32_spelled_out(classes=10, style=Style()):
@@ -66,8 +66,8 @@ def resnet32_spelled_out(classes=10, style=Style()):
     x = e(x, 64, 1, name="stage3_unit3")
     x = e(x, 64, 1, name="stage3_unit4")
     x = e(x, 64, 1, name="stage3_unit5")
-    outputs = common.bn_relu_gap_head(x, classes, style)
-    return common.model_from(inputs, outputs, "resnet32")
+    outputs = bn_relu_gap_head(x, classes, style)
+    return model_from(inputs, outputs, "resnet32")
 
 
 def resnet34(stack_n=STACK_N, classes=10, style=Style()):
@@ -78,8 +78,8 @@ def resnet34(stack_n=STACK_N, classes=10, style=Style()):
 
     inputs, x = common.image_input()
     x = style.conv(STEM_FILTERS, 3, name="stem_conv")(x)
-    outputs = common.bn_relu_gap_head(stack(x, stages(stack_n), unit), classes, style)
-    return common.model_from(inputs, outputs, f"resnet{depth(stack_n, 'resnet34')}")
+    outputs = bn_relu_gap_head(stack(x, stages(stack_n), unit), classes, style)
+    return model_from(inputs, outputs, f"resnet{depth(stack_n, 'resnet34')}")
 
 
 def add_arguments(parser):

@@ -17,7 +17,7 @@ networks; expect the low 90s % on CIFAR-10 with the 200-epoch recipe (measure, s
 from functools import partial
 
 import common
-from common import Style, Unit, residual_unit, stack
+from units import Style, Unit, bn_relu_gap_head, model_from, residual_unit, stack
 
 STEM_FILTERS = 64
 WIDTHS = (64, 128, 256, 512)  # bottleneck widths; each unit outputs EXPANSION * width
@@ -35,8 +35,8 @@ def bottleneck_resnet(depth, classes=10, style=Style()):
     inputs, x = common.image_input()
     x = style.conv(STEM_FILTERS, 3, name="stem_conv")(x)
     x = stack(x, stages(depth), partial(residual_unit, unit=BOTTLENECK, style=style))
-    outputs = common.bn_relu_gap_head(x, classes, style)
-    return common.model_from(inputs, outputs, f"resnet{depth}")
+    outputs = bn_relu_gap_head(x, classes, style)
+    return model_from(inputs, outputs, f"resnet{depth}")
 
 
 def add_arguments(parser):

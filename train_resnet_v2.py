@@ -21,7 +21,8 @@ example. Expect (the Keras example, 200 epochs, CIFAR-10): v1 ResNet-20 92.16 %,
 from functools import partial
 
 import common
-from common import Style, Unit, residual_unit, stack
+from errors import UsageError
+from units import Style, Unit, model_from, residual_unit, stack
 
 STEM_FILTERS = 16
 POOL_SIZE = 8  # 8x8 feature maps after two halvings
@@ -68,7 +69,7 @@ def resnet_v1_v2(version, depth, classes=10, style=Style(**KERAS_BN)):
     x = keras.layers.AveragePooling2D(POOL_SIZE, name="head_pool")(x)
     x = keras.layers.Flatten(name="head_flatten")(x)
     outputs = style.dense(classes, regularize=False)(x)
-    return common.model_from(inputs, outputs, f"resnet{depth}_v{version}")
+    return model_from(inputs, outputs, f"resnet{depth}_v{version}")
 
 
 def add_arguments(parser):
@@ -81,7 +82,7 @@ def add_arguments(parser):
 def check(args):
     per_unit, examples = VERSIONS[args.version]
     if args.depth < per_unit + 2 or (args.depth - 2) % per_unit:
-        raise common.UsageError(
+        raise UsageError(
             f"v{args.version} depth must be {per_unit}n+2: {', '.join(map(str, examples))}, ... "
             f"(got --depth {args.depth})")
 

@@ -20,7 +20,7 @@ e 6.37 %; at depth 32 the differences are smaller. The wide ResNet beats its pla
 from functools import partial
 
 import common
-from common import UNITS, Style, Unit, residual_unit, stack
+from units import UNITS, Style, Unit, model_from, residual_unit, stack
 from train_resnet32 import STACK_N, depth, resnet
 
 # Section 4 of the spec: the "Building a ResNet in Keras" network, post-activation with ReLU *then* BN.
@@ -40,7 +40,7 @@ def wide_resnet(classes=10, style=Style(), plain=False):
     x = stack(x, WIDE_STAGES, partial(residual_unit, unit=WIDE_UNIT, style=style, shortcut=not plain))
     x = keras.layers.AveragePooling2D(WIDE_POOL, name="head_pool")(x)
     x = keras.layers.Flatten(name="head_flatten")(x)
-    return common.model_from(inputs, style.dense(classes)(x), "wide_plain" if plain else "wide_resnet")
+    return model_from(inputs, style.dense(classes)(x), "wide_plain" if plain else "wide_resnet")
 
 
 def add_arguments(parser):

@@ -28,7 +28,8 @@ Expect (paper, CIFAR-10 test error): ResNeXt-29 8x64d 3.65 %, 16x64d 3.58 %.
 from functools import partial
 
 import common
-from common import Style, Unit, residual_unit, stack
+from errors import UsageError
+from units import Style, Unit, model_from, residual_unit, stack
 
 STEM_FILTERS = 64
 UNIT = Unit("conv1 bn relu conv3 bn relu conv1 bn", after_add="relu", projection_bn=True)
@@ -79,7 +80,7 @@ def resnext(depth=29, cardinality=8, width=64, impl="grouped", classes=10, style
     x = keras.layers.Activation("relu", name="stem_relu")(style.bn(name="stem_bn")(x))
     x = stack(x, stages(depth, cardinality, width), unit_fn)
     x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
-    return common.model_from(inputs, style.dense(classes)(x), f"resnext{depth}_{cardinality}x{width}d_{impl}")
+    return model_from(inputs, style.dense(classes)(x), f"resnext{depth}_{cardinality}x{width}d_{impl}")
 
 
 def copy_grouped_weights(grouped, split, cardinality):
@@ -119,17 +120,17 @@ def check(args):
     default_c, default_d = LAYOUTS[args.depth][3]
     args.cardinality = default_c if args.cardinality is None else args.cardinality
     if args.cardinality < 1:
-        raise common.UsageError(f"--cardinality must be at least 1 (got {args.cardinality})")
+        raise UsageError(f"--cardinality must be at least 1 (got {args.cardinality})")
     if args.bottleneck_width is not None:
         if args.bottleneck_width < 1 or args.bottleneck_width % args.cardinality:
             divisors = [c for c in range(1, args.bottleneck_width + 1) if args.bottleneck_width % c == 0]
-            raise common.UsageError(
+            raise UsageError(
                 f"--cardinality {args.cardinality} does not divide --bottleneck-width {args.bottleneck_width} "
                 f"into equal groups (choose C from {', '.join(map(str, divisors)) or 'none'})")
         args.width = args.bottleneck_width // args.cardinality
     args.width = default_d if args.width is None else args.width
     if args.width < 1:
-        raise common.UsageError(f"--width must be at least 1 (got {args.width})")
+        raise UsageError(f"--width must be at least 1 (got {args.width})")
     if args.recipe == "resnext":
         for key, value in RESNEXT_RECIPE.items():
             if getattr(args, key) is None:

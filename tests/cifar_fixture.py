@@ -5,7 +5,7 @@ import tarfile
 
 import numpy as np
 
-import common
+import cifar_data
 
 
 def learnable_images(labels, rng):
@@ -29,7 +29,7 @@ def batch_dict(images, labels, label_key, name):
 
 def write_cifar(root, dataset="cifar10", per_file=40, test_images=60, seed=0, tar=False):
     """Writes root/<folder>/ (or root/<archive> when tar=True) with the dataset's files; returns root."""
-    spec = common.DATASETS[dataset]
+    spec = cifar_data.DATASETS[dataset]
     rng = np.random.default_rng(seed)
     folder = os.path.join(root, spec.folder)
     os.makedirs(folder, exist_ok=True)

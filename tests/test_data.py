@@ -5,12 +5,12 @@ import pickle
 import numpy as np
 import pytest
 
-import common
+import cifar_data
 from cifar_fixture import batch_dict
 
 
 def load(data_dir, dataset="cifar10", train_limit=None, train=True):
-    return common.load_data(argparse.Namespace(dataset=dataset, data_dir=data_dir, train_limit=train_limit), train)
+    return cifar_data.load_data(argparse.Namespace(dataset=dataset, data_dir=data_dir, train_limit=train_limit), train)
 
 
 def test_folder_layout(cifar_dir):
@@ -53,4 +53,4 @@ def test_unpickler_refuses_functions():
         def __reduce__(self):
             return (print, ("ran",))
     with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
-        common.ArrayOnlyUnpickler(__import__("io").BytesIO(pickle.dumps(Hostile()))).load()
+        cifar_data.ArrayOnlyUnpickler(__import__("io").BytesIO(pickle.dumps(Hostile()))).load()

@@ -9,7 +9,9 @@ import keras
 import numpy as np
 import pytest
 
+import batch_norm
 import common
+import training
 import train_resnet32
 from test_models import build
 
@@ -37,7 +39,7 @@ def forward_and_backward(layer, x, weights):
 @pytest.mark.parametrize("precision, rtol", [("float32", 1e-5), ("mixed_bfloat16", 1e-2)])
 def test_fused_batch_normalization_computes_what_keras_does(policy, precision, rtol):
     import tensorflow as tf
-    fused = common.batch_normalization_class()
+    fused = batch_norm.batch_normalization_class()
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("the fused class is used on TensorFlow's CPU only")
     assert fused is not keras.layers.BatchNormalization and issubclass(fused, keras.layers.BatchNormalization)
@@ -74,7 +76,7 @@ def test_saved_checkpoint_loads_in_plain_keras(trained):
 
 def test_model_converts_between_batch_norm_classes_keeping_weights():
     model = build(train_resnet32, ["--stack-n", "1"])
-    plain = common.with_batch_normalization(model, keras.layers.BatchNormalization)
+    plain = batch_norm.with_batch_normalization(model, keras.layers.BatchNormalization)
     norms = [layer for layer in plain.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms and all(type(layer) is keras.layers.BatchNormalization for layer in norms)
     assert [layer.name for layer in plain.layers] == [layer.name for layer in model.layers]
@@ -82,7 +84,7 @@ def test_model_converts_between_batch_norm_classes_keeping_weights():
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
     np.testing.assert_allclose(plain.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
-    assert common.with_batch_normalization(plain, keras.layers.BatchNormalization) is plain
+    assert batch_norm.with_batch_normalization(plain, keras.layers.BatchNormalization) is plain
 
 
 @TENSORFLOW_ONLY
@@ -90,7 +92,7 @@ def test_tf_data_batches_are_the_arrays_in_order():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (100, 32, 32, 3)).astype("uint8")
     y = rng.integers(0, 10, 100).astype("int32")
-    data = common.batches(x, y, 32)
+    data = training.batches(x, y, 32)
     assert data.y is None and data.batch_size is None
     assert not data.x.options().autotune.enabled
     got = list(data.x.as_numpy_iterator())

@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
+import cifar_data
 import common
+import outputs
 import train_resnet32
 import train_resnet_bottleneck
 import train_resnet_v2
@@ -46,7 +48,7 @@ def parse(module, argv):
 
 def build(module, argv):
     args = parse(module, argv)
-    return module.build_model(args, common.DATASETS[args.dataset].classes)
+    return module.build_model(args, cifar_data.DATASETS[args.dataset].classes)
 
 
 def trainable_count(model):
@@ -153,7 +155,7 @@ def test_resnext_split_form_saves_and_reloads_safely(tmp_path, extension):
     split = train_resnext.resnext(29, cardinality=2, width=2, impl="split")
     randomize_batchnorm(split)
     path = str(tmp_path / f"split{extension}")
-    common.atomic_write(path, split.save)
+    outputs.atomic_write(path, split.save)
     reloaded = keras.models.load_model(path, compile=False, safe_mode=True)
     x = random_images()
     np.testing.assert_array_equal(split.predict(x, verbose=0), reloaded.predict(x, verbose=0))

@@ -10,7 +10,9 @@ import time
 import numpy as np
 import pytest
 
+import checkpoints
 import common
+import outputs
 from conftest import ROOT, final_fields, run_script
 
 RUN = "resnet8_e_cifar10"
@@ -77,13 +79,13 @@ def test_sigkill_mid_epoch_then_resume(cifar_dir, tmp_path):
 KILL_MID_WRITE = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import common
+import outputs
 def write(tmp):
     with open(tmp, "wb") as f:
         f.write(b"half a checkpoint")
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-common.atomic_write({path!r}, write)
+outputs.atomic_write({path!r}, write)
 """
 
 
@@ -98,7 +100,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
               "batch_size": 32, "seed": 0, "precision": "float32"}
     path = str(tmp_path / f"{RUN}.state.weights.h5")
     rows = [{"epoch": 0, "loss": 1.0}]
-    common.save_state(model, path, rows, config)
+    checkpoints.save_state(model, path, rows, config)
     before = os.path.getsize(path)
 
     killed = subprocess.run([sys.executable, "-c", KILL_MID_WRITE.format(root=ROOT, path=path)])
@@ -108,12 +110,12 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
 
     fresh = train_resnet32.resnet(1)
     common.compile_model(fresh, args, steps_per_epoch=2)
-    assert common.restore_state(fresh, path, config) == rows
+    assert checkpoints.restore_state(fresh, path, config) == rows
     for a, b in zip(model.weights, fresh.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    common.remove_stale_temporaries(str(tmp_path), {f"{RUN}0.state.weights.h5"})  # another run's: kept
+    outputs.remove_stale_temporaries(str(tmp_path), {f"{RUN}0.state.weights.h5"})  # another run's: kept
     assert glob.glob(str(tmp_path / ".tmp-*"))
-    common.remove_stale_temporaries(str(tmp_path), {f"{RUN}.state.weights.h5"})
+    outputs.remove_stale_temporaries(str(tmp_path), {f"{RUN}.state.weights.h5"})
     assert not glob.glob(str(tmp_path / ".tmp-*"))
 
 

@@ -7,7 +7,11 @@ import os
 import numpy as np
 import pytest
 
+import batch_norm
+import checkpoints
+import cifar_data
 import common
+import units
 import train_resnet32
 import train_resnet_v2
 import train_resnet_variants
@@ -64,7 +68,7 @@ def test_evaluate_reproduces_the_final_test_accuracy(trained, cifar_dir):
 
 def tiny_data(cifar_dir, classes=10):
     args = parse(train_resnet32, ["--data-dir", cifar_dir])
-    (x, y), (xt, yt) = common.load_data(args)
+    (x, y), (xt, yt) = cifar_data.load_data(args)
     return (x[:64], y[:64] % classes), (xt[:32], yt[:32] % classes)
 
 
@@ -75,18 +79,18 @@ def test_saved_h5_reloads_to_identical_predictions(cifar_dir, tmp_path):
     common.compile_model(model, parse(train_resnet32, []), steps_per_epoch=2)
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     path = str(tmp_path / "model.h5")
-    common.save_model(model, path)
+    checkpoints.save_model(model, path)
     reloaded = keras.models.load_model(path, compile=False)  # Keras's own classes (test_fast_path.py)
     np.testing.assert_allclose(reloaded.predict(xt, verbose=0), model.predict(xt, verbose=0), rtol=1e-5, atol=1e-6)
     # with the kernels training used (what --evaluate does), the very same numbers
-    same_kernels = common.with_batch_normalization(reloaded, common.batch_normalization_class())
+    same_kernels = batch_norm.with_batch_normalization(reloaded, batch_norm.batch_normalization_class())
     np.testing.assert_array_equal(same_kernels.predict(xt, verbose=0), model.predict(xt, verbose=0))
     assert [l.name for l in reloaded.layers] == [l.name for l in model.layers]
 
 
 # One tiny epoch of every unit and small depth of each family (the big networks are only built).
 TINY_MODELS = [
-    *[(train_resnet_variants, ["--unit", u, "--stack-n", "1"]) for u in common.UNITS],
+    *[(train_resnet_variants, ["--unit", u, "--stack-n", "1"]) for u in units.UNITS],
     (train_resnet_variants, ["--unit", "e", "--stack-n", "1", "--plain"]),
     (train_resnet32, ["--model", "resnet34", "--stack-n", "1"]),
     (train_resnet_v2, ["--version", "1", "--depth", "8"]),

@@ -1,0 +1,141 @@
+"""CIFAR-10/100 files: where they are, and how the official "python version" pickles are read.
+
+The batch files are pickles; they are read by an unpickler that accepts numpy arrays and nothing else (as
+keras.datasets does), so a hostile file cannot run code. A missing, truncated or malformed batch, images
+of the wrong shape or labels out of range are reported as one line naming the file (UsageError).
+Without --data-dir the data come through keras.datasets (downloaded once to ~/.keras/datasets).
+"""
+import io
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from errors import UsageError
+
+IMAGE_SHAPE = (32, 32, 3)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    title: str
+    classes: int
+    folder: str  # the official "python version" layout ...
+    archive: str  # ... and the tarball that holds it
+    train_files: tuple
+    test_files: tuple
+    label_key: bytes
+
+
+DATASETS = {
+    "cifar10": Dataset("CIFAR-10", 10, "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                       tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), b"labels"),
+    "cifar100": Dataset("CIFAR-100", 100, "cifar-100-python", "cifar-100-python.tar.gz",
+                        ("train",), ("test",), b"fine_labels"),
+}
+
+
+class ArrayOnlyUnpickler(pickle.Unpickler):
+    """Reads the CIFAR pickles and refuses everything but numpy arrays (as keras.datasets does):
+    loading a hostile file then cannot call any function."""
+
+    ALLOWED = frozenset({
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),  # numpy < 2
+        ("numpy._core.multiarray", "_reconstruct"),  # numpy >= 2
+        ("_codecs", "encode"),  # array bytes in protocol-2 pickles written by Python 3: text -> bytes only
+    })
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
+
+
+def _read_batch(fileobj, where, label_key, classes):
+    try:
+        batch = ArrayOnlyUnpickler(fileobj, encoding="bytes").load()
+    except Exception as error:  # truncated, corrupt or hostile: the message names the file
+        raise UsageError(f"cannot read {where}: {error} (re-download or rebuild the data)") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise UsageError(f"{where} is not a CIFAR batch: it needs b'data' and {label_key!r} "
+                         "(is --dataset right?)")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[label_key])
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        raise UsageError(f"{where}: images must be uint8 rows of 3072 pixels, got {data.dtype} "
+                         f"{data.shape} (re-download or rebuild the data)")
+    if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+        raise UsageError(f"{where}: expected {len(data)} integer labels, got {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise UsageError(f"{where}: labels must be 0..{classes - 1}, found {labels.min()}..{labels.max()} "
+                         "(is --dataset right?)")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW rows -> NHWC
+    return np.ascontiguousarray(images), labels.astype(np.int32)
+
+
+def find_local_data(data_dir, dataset):
+    """The folder or the tarball of `dataset` under data_dir; UsageError if neither is there."""
+    spec = DATASETS[dataset]
+    folder = os.path.join(data_dir, spec.folder)
+    archive = os.path.join(data_dir, spec.archive)
+    if os.path.isdir(folder):
+        return folder
+    if os.path.isfile(archive):
+        return archive
+    if not os.path.isdir(data_dir):
+        raise UsageError(f"--data-dir {data_dir!r} does not exist (give the folder that holds "
+                         f"{spec.folder}/ or {spec.archive})")
+    raise UsageError(f"--data-dir {data_dir!r} holds neither {spec.folder}/ nor {spec.archive} "
+                     f"(download {spec.title} 'python version' there)")
+
+
+def load_local(source, dataset, files):
+    """Concatenated (images, labels) from the official batch files, in a folder or a .tar.gz."""
+    spec = DATASETS[dataset]
+    parts = []
+    if os.path.isdir(source):
+        for name in files:
+            path = os.path.join(source, name)
+            if not os.path.isfile(path):
+                raise UsageError(f"{path} is missing (re-download or rebuild the data)")
+            with open(path, "rb") as f:
+                parts.append(_read_batch(f, path, spec.label_key, spec.classes))
+    else:
+        try:
+            with tarfile.open(source, "r:*") as tar:
+                for name in files:
+                    where = f"{source}:{spec.folder}/{name}"
+                    try:
+                        member = tar.extractfile(f"{spec.folder}/{name}")
+                    except KeyError:
+                        raise UsageError(f"{where} is missing (re-download the archive)") from None
+                    parts.append(_read_batch(io.BytesIO(member.read()), where, spec.label_key, spec.classes))
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise UsageError(f"cannot read {source}: {error} (re-download the archive)") from None
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def load_data(args, train=True):
+    """((x_train, y_train), (x_test, y_test)): uint8 NHWC images and int32 labels. Without --data-dir,
+    downloads through keras.datasets. With train=False the training part is (None, None)."""
+    spec = DATASETS[args.dataset]
+    if args.data_dir:
+        source = find_local_data(args.data_dir, args.dataset)
+        test = load_local(source, args.dataset, spec.test_files)
+        trainset = load_local(source, args.dataset, spec.train_files) if train else (None, None)
+    else:
+        import keras
+        loader = keras.datasets.cifar10 if args.dataset == "cifar10" else keras.datasets.cifar100
+        try:
+            (xa, ya), (xb, yb) = loader.load_data()
+        except Exception as error:
+            raise UsageError(f"could not download {spec.title} through keras.datasets ({error}); "
+                             "fix: pass --data-dir with a local copy") from None
+        trainset, test = (xa, ya.reshape(-1).astype(np.int32)), (xb, yb.reshape(-1).astype(np.int32))
+    if train and args.train_limit:
+        trainset = (trainset[0][:args.train_limit], trainset[1][:args.train_limit])
+    return trainset, test

@@ -1,0 +1,9 @@
+"""The two ways a run ends early, shared by every module: how `common.main` reports each is fixed there."""
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr with exit code 2, never a traceback."""
+
+
+class TrainingError(Exception):
+    """Training itself failed (a NaN loss, a worker that never answered): one line on stderr, exit code 1."""

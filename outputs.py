@@ -1,0 +1,111 @@
+"""What a run writes besides its checkpoints: the history (CSV), the configuration (JSON), TensorBoard
+scalars and the `final:` line; and how every file of a run is written, atomically.
+
+Every file goes to a temporary name in its folder and is renamed over the old one (atomic on POSIX), so
+a kill at any moment leaves the previous file whole; a killed run's temporaries are removed on the next
+start. The TensorBoard files are written with the tensorboard package alone, so they need no TensorFlow.
+"""
+import csv
+import io
+import os
+import tempfile
+import time
+
+from errors import UsageError
+
+
+def check_writable_dir(path, flag):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a file, not a folder (choose another {flag})")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path!r} is not writable ({error.strerror}); choose another {flag}") from None
+
+
+TMP_PREFIX = ".tmp-"
+
+
+def atomic_write(path, write):
+    """write(tmp_path) produces the file; it appears under `path` only once complete (os.replace is atomic),
+    so a crash or a kill mid-write leaves any previous file at `path` intact. The temporary name keeps the
+    final name's ending (Keras picks the format from it): .tmp-XXXX-<name>."""
+    directory, base = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=f"-{base}", dir=directory or ".")
+    os.close(fd)
+    os.remove(tmp)  # Keras and h5py want to create the file themselves
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temporaries(directory, filenames):
+    """Temporaries a killed run left behind for these exact file names (another run's, e.g. the same model
+    on cifar100, are left alone): never a complete file, safe to delete."""
+    for entry in os.listdir(directory):
+        if entry.startswith(TMP_PREFIX) and entry.split("-", 2)[-1] in filenames:
+            os.remove(os.path.join(directory, entry))
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+HISTORY_FIELDS = ("epoch", "loss", "accuracy", "test_loss", "test_accuracy", "learning_rate", "seconds")
+
+
+def write_history(path, history):
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, out.getvalue())
+
+
+class ScalarLog:
+    """TensorBoard scalars per epoch, written through the tensorboard package alone (Keras's TensorBoard
+    callback needs TensorFlow, which a JAX or PyTorch run must not need). Train and test curves go to
+    <run>/train and <run>/test with the same tags, so TensorBoard draws them on one chart."""
+
+    def __init__(self, run_dir):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        self.writers = {split: EventFileWriter(os.path.join(run_dir, split)) for split in ("train", "test")}
+
+    def write(self, row):
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        scalars = {"train": {"epoch_loss": row["loss"], "epoch_accuracy": row["accuracy"],
+                             "epoch_learning_rate": row["learning_rate"]},
+                   "test": {"epoch_loss": row["test_loss"], "epoch_accuracy": row["test_accuracy"]}}
+        for split, values in scalars.items():
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
+            self.writers[split].add_event(Event(wall_time=time.time(), step=row["epoch"], summary=summary))
+            self.writers[split].flush()
+
+    def close(self):
+        for writer in self.writers.values():
+            writer.close()
+
+
+def final_line(**fields):
+    return "final: " + " ".join(f"{key}={value}" for key, value in fields.items())
+
+
+def clear_old_events(run_dir):
+    """A fresh run under an existing name replaces that run's TensorBoard curves instead of mixing in."""
+    for split in ("train", "test"):
+        folder = os.path.join(run_dir, split)
+        if os.path.isdir(folder):
+            for entry in os.listdir(folder):
+                if entry.startswith("events.out.tfevents."):
+                    os.remove(os.path.join(folder, entry))
