@@ -96,7 +96,8 @@ def bench_models(argv):
                                      usage="bench.py SCRIPT [family flags] [options]")
     parser.add_argument("script", help="a family script, e.g. train_resnet32.py")
     parser.add_argument("--batch-size", type=common.positive_int, nargs="+", default=[common.BATCH_SIZE])
-    parser.add_argument("--precision", choices=PRECISIONS, nargs="+", default=["auto"])
+    parser.add_argument("--precision", choices=PRECISIONS, nargs="+", default=["float32"],
+                        help="the scripts' default is float32; auto is their bfloat16-where-faster choice")
     parser.add_argument("--jit-compile", choices=("auto", "true", "false"), nargs="+", default=["auto"],
                         help="Keras compile(jit_compile=): XLA; 'auto' is what the training scripts use")
     parser.add_argument("--batch-norm", choices=("auto", "keras"), nargs="+", default=["auto"],

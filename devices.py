@@ -19,11 +19,11 @@ def cpu_has_bfloat16():
 
 
 def resolve_precision(precision):
-    """--precision auto, by measurement (bench.py, README "Performance"): TensorFlow on a CPU with bfloat16
-    instructions trains ResNet-32 about 1.44x faster in mixed_bfloat16 (paired short real-data runs ended
-    0.66 points under float32 after 6 epochs, 0.37 after 15: results/README.md; --precision float32 for
-    reference accuracies); everywhere else (GPUs already use TF32 tensor cores for float32; XLA's CPU bf16
-    was not measured faster) float32."""
+    """The default is float32, as the papers trained. --precision auto chooses by measurement (bench.py,
+    README "Performance"): TensorFlow on a CPU with bfloat16 instructions trains ResNet-32 about 1.44x faster
+    in mixed_bfloat16, at a small accuracy cost (paired short real-data runs ended 0.66 points under float32
+    after 6 epochs, 0.37 after 15: results/README.md); everywhere else (GPUs already use TF32 tensor cores
+    for float32; XLA's CPU bf16 was not measured faster) float32."""
     if precision != "auto":
         return precision
     import keras

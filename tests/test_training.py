@@ -40,6 +40,7 @@ def test_final_line_and_outputs(trained):
     config = json.loads((out / "checkpoints" / f"{run}.json").read_text())
     assert config["backend"] == backend and config["epochs"] == EPOCHS and config["params"] == 78666
     assert config["lr_schedule"] == "0:0.05,2:0.02" and config["steps_per_epoch"] == 320 // 32
+    assert config["precision"] == "float32"  # the default on every device: the papers' numerics
     assert json.loads((out / "logs" / run / "config.json").read_text()) == config
 
 
