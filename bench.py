@@ -10,10 +10,19 @@ normalization and augmentation inside the step), on the current backend (KERAS_B
     python bench.py train_resnext.py --cardinality 8 --width 4 --variants "--impl grouped" "--impl split"
     python bench.py train_resnet32.py --batch-norm auto keras   # fused (TensorFlow CPU) vs Keras's BatchNorm
 
+    python bench.py train_resnet32.py --loop keras ours --steps-per-execution 1 4   # before/after issue 18
+
 Every combination of the list-valued options is measured in one run, so compare them as ratios.
 Prints a table and one machine-readable line per configuration:
-    BENCH script=... model=... backend=... device=... params=... precision=... bn=... batch=... jit=... images_per_s=...
-          step_ms=... compile_s=...
+    BENCH script=... backend=... device=... cpu=... model=... params=... precision=... bn=... loop=... spe=...
+          batch=... jit=... images_per_s=... step_ms=... compile_s=...
+(loop=ours is the scripts' fit loop, training.run_epoch; loop=keras plain Keras fit() with TerminateOnNaN.)
+
+The framework's own time per training step, with a model so small that compute is negligible, through the
+same compiled step (common.compile_model) and fit loop the scripts use, on the current backend:
+
+    python bench.py --overhead [--steps-per-execution 1 4 16]
+    OVERHEAD backend=... device=... cpu=... loop=keras|ours spe=N batch=... us_per_step=...
 
 Our whole training path against the seed article's Keras 2 recipe, side by side on the same data:
 
@@ -25,7 +34,9 @@ fit, evaluation included) and their ratio (the median of the rounds' ratios: eac
 neighbours in time, which is what survives a noisy machine).
 """
 import argparse
+import contextlib
 import importlib
+import io
 import itertools
 import os
 import re
@@ -41,37 +52,50 @@ import numpy as np
 import common
 from batch_norm import with_batch_normalization
 from cifar_data import DATASETS, IMAGE_SHAPE, find_local_data
-from devices import PRECISIONS, configure_backend
+from devices import PRECISIONS, accelerators, configure_backend, cpu_model, resolve_steps_per_execution
 from errors import UsageError
-from training import batches
+from training import batches, run_epoch
+
+LOOPS = ("ours", "keras")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED_RECIPE = os.path.join(HERE, "..", "shared", "bench", "seed_recipe.py")
 
 
-def device_name():
+def device_label():
+    return (accelerators() or ["cpu"])[0].replace(" ", "_")
+
+
+VERBOSE = 2  # what the scripts use when their output goes to a file: one line per epoch (hidden here)
+
+
+def timed_fit_function(model, x, y, batch_size, loop):
+    """A function timing one fit() of n steps through `loop`: "ours", the scripts' epoch (training.run_epoch:
+    the async-safe NaN stop, the compiled steps_per_execution); "keras", plain Keras fit() with
+    TerminateOnNaN, as the scripts trained before (it turns off Keras's asynchronous batch-end dispatch)."""
     import keras
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-        device = jax.devices()[0]
-        return f"{device.platform}:{device.device_kind}".replace(" ", "_")
-    if backend == "torch":
-        import torch
-        return f"cuda:{torch.cuda.get_device_name(0)}".replace(" ", "_") if torch.cuda.is_available() else "cpu"
-    import tensorflow as tf
-    gpus = tf.config.list_physical_devices("GPU")
-    return f"gpu:{tf.config.experimental.get_device_details(gpus[0]).get('device_name', 'GPU')}".replace(
-        " ", "_") if gpus else "cpu"
+
+    def timed_fit(n_steps):
+        data = batches(x[:n_steps * batch_size], y[:n_steps * batch_size], batch_size)
+        with contextlib.redirect_stdout(io.StringIO()):
+            start = time.perf_counter()
+            if loop == "ours":
+                run_epoch(model, data, None, 0, 1, VERBOSE)
+            else:
+                model.fit(*data, epochs=1, shuffle=False, verbose=VERBOSE,
+                          callbacks=[keras.callbacks.TerminateOnNaN()])
+            return time.perf_counter() - start
+    return timed_fit
 
 
-def prepare(module, family_args, batch_size, precision, jit_compile, batch_norm, steps, warmup):
+def prepare(build, family_args, batch_size, precision, jit_compile, batch_norm, loop, spe, steps, warmup):
     """Builds and compiles one configuration and runs its first `warmup` steps (tracing and compilation).
     Returns (its description, seconds of that first fit, a function timing a fit of n steps)."""
     import keras
     precision = configure_backend(precision)
     family_args.batch_size, family_args.precision = batch_size, precision
-    model = module.build_model(family_args, DATASETS[family_args.dataset].classes)
+    family_args.steps_per_execution = resolve_steps_per_execution(spe)
+    model = build(family_args, DATASETS[family_args.dataset].classes)
     if batch_norm == "keras":  # Keras's own BatchNormalization instead of the fused one used on TensorFlow's CPU
         model = with_batch_normalization(model, keras.layers.BatchNormalization)
     norms = {type(l).__name__ for l in model.layers if isinstance(l, keras.layers.BatchNormalization)}
@@ -79,16 +103,25 @@ def prepare(module, family_args, batch_size, precision, jit_compile, batch_norm,
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(max(steps, warmup) * batch_size, *IMAGE_SHAPE), dtype=np.uint8)
     y = rng.integers(0, DATASETS[family_args.dataset].classes, size=len(x)).astype(np.int32)
-
-    def timed_fit(n_steps):
-        start = time.perf_counter()
-        model.fit(*batches(x[:n_steps * batch_size], y[:n_steps * batch_size], batch_size), epochs=1,
-                  shuffle=False, verbose=0)
-        return time.perf_counter() - start
-
+    timed_fit = timed_fit_function(model, x, y, batch_size, loop)
     description = {"model": model.name, "params": model.count_params(), "precision": precision,
-                   "bn": ",".join(sorted(norms)) or "none"}
+                   "bn": ",".join(sorted(norms)) or "none", "loop": loop, "spe": family_args.steps_per_execution}
     return description, timed_fit(warmup), timed_fit
+
+
+def round_robin(prepared, steps, repeats):
+    """Median seconds per fit of `steps` steps for each prepared configuration; the repeats go round-robin
+    over the configurations, so that a slow spell of the machine hits all of them."""
+    timings = [[] for _ in prepared]
+    for _ in range(repeats):
+        for (_, _, timed_fit), seconds in zip(prepared, timings):
+            seconds.append(timed_fit(steps))
+    return [statistics.median(seconds) for seconds in timings]
+
+
+def machine_fields():
+    import keras
+    return {"backend": keras.backend.backend(), "device": device_label(), "cpu": cpu_model().replace(" ", "_")}
 
 
 def bench_models(argv):
@@ -102,6 +135,9 @@ def bench_models(argv):
                         help="Keras compile(jit_compile=): XLA; 'auto' is what the training scripts use")
     parser.add_argument("--batch-norm", choices=("auto", "keras"), nargs="+", default=["auto"],
                         help="'auto': the class the scripts use (fused on TensorFlow's CPU); 'keras': Keras's own")
+    parser.add_argument("--loop", choices=LOOPS, nargs="+", default=["ours"],
+                        help="ours: the scripts' fit loop; keras: plain fit() with TerminateOnNaN (the old loop)")
+    parser.add_argument("--steps-per-execution", type=common.steps_per_execution, nargs="+", default=["auto"])
     parser.add_argument("--variants", nargs="+", default=[""], metavar="FLAGS",
                         help='family flags, each a configuration, e.g. "--impl grouped" "--impl split"')
     parser.add_argument("--steps", type=common.positive_int, default=30, help="timed steps per repeat")
@@ -116,34 +152,70 @@ def bench_models(argv):
                 for v in args.variants]
 
     configure_backend()
-    import keras
-    backend, device = keras.backend.backend(), device_name()
-    configs = list(itertools.product(variants, args.batch_size, args.precision, args.jit_compile, args.batch_norm))
-    prepared = [prepare(module, family_args, batch, precision, {"auto": "auto", "true": True, "false": False}[jit],
-                        batch_norm, args.steps, args.warmup)
-                for family_args, batch, precision, jit, batch_norm in configs]
-    # Repeats go round-robin over the configurations, so a slow spell of the machine hits all of them.
-    timings = [[] for _ in prepared]
-    for _ in range(args.repeats):
-        for (_, _, timed_fit), seconds in zip(prepared, timings):
-            seconds.append(timed_fit(args.steps))
+    machine = machine_fields()
+    configs = list(itertools.product(variants, args.batch_size, args.precision, args.jit_compile, args.batch_norm,
+                                     args.loop, args.steps_per_execution))
+    prepared = [prepare(module.build_model, family_args, batch, precision,
+                        {"auto": "auto", "true": True, "false": False}[jit], batch_norm, loop, spe, args.steps,
+                        args.warmup)
+                for family_args, batch, precision, jit, batch_norm, loop, spe in configs]
     rows = []
-    for (_, batch, _, jit, _), (description, first, _), seconds in zip(configs, prepared, timings):
-        step_s = statistics.median(seconds) / args.steps
-        row = {"script": name, "backend": backend, "device": device, **description, "batch": batch, "jit": jit,
+    for (_, batch, _, jit, *_), (description, first, _), seconds in zip(
+            configs, prepared, round_robin(prepared, args.steps, args.repeats)):
+        step_s = seconds / args.steps
+        row = {"script": name, **machine, **description, "batch": batch, "jit": jit,
                "images_per_s": batch / step_s, "step_ms": 1000 * step_s,
                "compile_s": max(first - args.warmup * step_s, 0.0)}
         rows.append(row)
         print("BENCH " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
               flush=True)
-    print("\n| model | backend | device | precision | batch | jit | BatchNormalization | images/s | step ms "
-          "| compile s | s/epoch (50k) |")
-    print("|---|---|---|---|---:|---|---|---:|---:|---:|---:|")
+    print(f"\nhost CPU: {cpu_model()}")
+    print("\n| model | backend | device | precision | batch | jit | BatchNormalization | loop | spe | images/s "
+          "| step ms | compile s | s/epoch (50k) |")
+    print("|---|---|---|---|---:|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['backend']} | {r['device']} | {r['precision']} | {r['batch']} | {r['jit']} | "
-              f"{r['bn']} | "
-              f"{r['images_per_s']:.0f} | {r['step_ms']:.1f} | {r['compile_s']:.1f} | "
-              f"{50000 / r['images_per_s']:.1f} |")
+              f"{r['bn']} | {r['loop']} | {r['spe']} | {r['images_per_s']:.0f} | {r['step_ms']:.1f} | "
+              f"{r['compile_s']:.1f} | {50000 / r['images_per_s']:.1f} |")
+
+
+def tiny_model(args, classes):
+    """A model whose compute is negligible: the uint8 image batch goes in (its transfer is part of a step's
+    cost), one pixel of each image goes on to a rescale and the softmax layer."""
+    import keras
+    inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
+    x = keras.layers.Cropping2D(((15, 16), (15, 16)), name="one_pixel")(inputs)
+    x = keras.layers.Rescaling(1 / 255, name="rescale")(keras.layers.Flatten(name="flatten")(x))
+    return keras.Model(inputs, keras.layers.Dense(classes, activation="softmax", name="predictions")(x), name="tiny")
+
+
+def overhead(argv):
+    parser = argparse.ArgumentParser(description="the framework's time per training step, compute aside")
+    parser.add_argument("--overhead", action="store_true", required=True)
+    parser.add_argument("--steps-per-execution", type=common.positive_int, nargs="+", default=[1, 4, 16],
+                        help="configurations of our loop (plain Keras is measured at 1, as the scripts ran it)")
+    parser.add_argument("--batch-size", type=common.positive_int, default=common.BATCH_SIZE)
+    parser.add_argument("--steps", type=common.positive_int, default=390,
+                        help="steps per timed fit(); 390 = one CIFAR-10 epoch at batch 128, so fit()'s own "
+                             "per-epoch cost is shared out as in a real run")
+    parser.add_argument("--warmup", type=common.positive_int, default=8)
+    parser.add_argument("--repeats", type=common.positive_int, default=3)
+    args = parser.parse_args(argv)
+    import train_resnet32
+    configs = [("keras", 1)] + [("ours", spe) for spe in args.steps_per_execution]
+    configure_backend()
+    machine = machine_fields()
+    prepared = [prepare(tiny_model, common.parse_args(train_resnet32.add_arguments, []), args.batch_size, "float32",
+                        "auto", "auto", loop, spe, args.steps, args.warmup) for loop, spe in configs]
+    us = [1e6 * seconds / args.steps for seconds in round_robin(prepared, args.steps, args.repeats)]
+    for (loop, spe), value in zip(configs, us):
+        print(" ".join(f"{k}={v}" for k, v in {"OVERHEAD backend": machine["backend"], "device": machine["device"],
+                                               "cpu": machine["cpu"], "loop": loop, "spe": spe,
+                                               "batch": args.batch_size, "us_per_step": f"{value:.0f}"}.items()),
+              flush=True)
+    best = min(range(1, len(configs)), key=lambda i: us[i])
+    print(f"ours (spe={configs[best][1]}) takes {us[0] / us[best]:.2f}x fewer microseconds per step than plain "
+          f"Keras fit with TerminateOnNaN; ours at spe=1: {us[0] / us[1]:.2f}x")
 
 
 def versus_seed(argv):
@@ -189,6 +261,8 @@ def main():
     try:
         if any(a.startswith("--versus-seed") for a in sys.argv[1:]):
             versus_seed(sys.argv[1:])
+        elif "--overhead" in sys.argv[1:]:
+            overhead(sys.argv[1:])
         else:
             bench_models(sys.argv[1:])
     except UsageError as error:

@@ -30,11 +30,12 @@ import numpy as np
 from batch_norm import batch_normalization_class, with_batch_normalization
 from checkpoints import save_model
 from cifar_data import DATASETS, IMAGE_SHAPE, find_local_data, load_data
-from devices import PRECISIONS, configure_backend
+from devices import (PRECISIONS, configure_backend, resolve_jit_compile, resolve_steps_per_execution,
+                     where_it_trains)
 from distributed import distribution, synchronize_batch_norm
 from errors import TrainingError, UsageError
 from outputs import check_writable_dir, final_line, remove_stale_temporaries, write_text
-from training import EVAL_BATCH_SIZE, batches, fit
+from training import EVAL_BATCH_SIZE, batches, fit, fuse_steps
 
 # --- Training recipe: He et al. 2016 "Identity Mappings in Deep Residual Networks" (arXiv:1603.05027)
 # as run by the seed article (BIGBALLON/cifar-10-cnn ResNet-32): SGD, Nesterov, 200 epochs. ---
@@ -94,6 +95,15 @@ def _positive_float(text):
     if value == 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
+
+
+def steps_per_execution(text):
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}") from None
 
 
 def stack_n(text):
@@ -160,6 +170,10 @@ def make_parser(description, add_arguments):
                             "BN statistics, softmax and loss (mixed_float16 adds loss scaling); auto: "
                             "mixed_bfloat16 where it was measured faster (TensorFlow on a CPU with bfloat16 "
                             "instructions: 1.44x, about 0.4-0.7 points lower in short runs), else float32")
+    speed.add_argument("--steps-per-execution", type=steps_per_execution, default="auto", metavar="N",
+                       help="training steps per compiled call (Keras compile(steps_per_execution=)): the host "
+                            "runs callbacks and reads the logs once per N steps; auto: the measured best for the "
+                            "device type (devices.STEPS_PER_EXECUTION)")
     scale = parser.add_argument_group("scale out")
     scale.add_argument("--distribute", action="store_true",
                        help="data parallelism over every visible device: keras.distribution.DataParallel on "
@@ -185,6 +199,8 @@ def make_parser(description, add_arguments):
 
 
 def compile_model(model, args, steps_per_epoch, jit_compile="auto"):
+    """The recipe's optimizer (SGD, Nesterov momentum, the step schedule), loss and metric, compiled with
+    XLA where it runs the step (devices.resolve_jit_compile) and --steps-per-execution."""
     import keras
     schedule = args.lr_schedule
     if len(schedule) == 1:
@@ -195,9 +211,11 @@ def compile_model(model, args, steps_per_epoch, jit_compile="auto"):
         learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
             boundaries=[epoch * steps_per_epoch - 1 for epoch, _ in schedule[1:]],
             values=[lr for _, lr in schedule])
-    # jit_compile="auto": XLA on TensorFlow only with a GPU (on a CPU it is slower: bench.py), always on JAX
     model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=MOMENTUM, nesterov=True),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=jit_compile)
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  jit_compile=resolve_jit_compile(model, jit_compile),
+                  steps_per_execution=resolve_steps_per_execution(args.steps_per_execution))
+    fuse_steps(model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +301,7 @@ def _run(description, add_arguments, run_name, build_model, check, argv):
                          "(lower --batch-size or raise --train-limit)")
 
     args.precision = configure_backend(args.precision, args.cpu_devices)
+    args.steps_per_execution = resolve_steps_per_execution(args.steps_per_execution, args.distribute)
     import keras
     scope, devices = distribution(args)
     if args.batch_size % devices:
@@ -300,6 +319,7 @@ def _run(description, add_arguments, run_name, build_model, check, argv):
         if args.distribute and keras.backend.backend() == "tensorflow":
             synchronize_batch_norm(model, True)
         compile_model(model, args, config["steps_per_epoch"])
+        print("\n".join(where_it_trains(model, devices)), flush=True)
         history, seconds, images_per_s = fit(model, args, data, paths, config,
                                                  lambda epoch: lr_at_epoch(args.lr_schedule, epoch))
         synchronize_batch_norm(model, False)
@@ -341,7 +361,7 @@ def _evaluate(args, name, spec):
         raise UsageError(f"{args.evaluate} predicts {classes} classes but {spec.title} has {spec.classes} "
                          "(is --dataset right?)")
     model = with_batch_normalization(model, batch_normalization_class())  # the kernels training evaluated with
-    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=resolve_jit_compile(model))
     start = time.perf_counter()
     loss, accuracy = model.evaluate(*batches(x_test, y_test, EVAL_BATCH_SIZE), verbose=0)
     seconds = time.perf_counter() - start

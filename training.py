@@ -5,9 +5,12 @@ evaluated after every epoch, the state saved after each so that --resume continu
 loss and step schedule); it writes the history and TensorBoard scalars through outputs and the resume
 state through checkpoints.
 """
+import functools
+import itertools
 import math
 import os
 import sys
+import threading
 import time
 from typing import NamedTuple
 
@@ -18,6 +21,10 @@ from errors import TrainingError
 from outputs import ScalarLog, clear_old_events, write_history
 
 EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for a backward pass: bigger batches, same numbers
+# The host may run this many executions (of steps_per_execution steps) ahead of the last one whose loss was
+# checked for NaN: enough to keep a GPU's queue full, and the bound on how far a NaN run goes on.
+MAX_UNCHECKED_EXECUTIONS = 8
+CHECK_WAIT_S = 60  # ... unless one check takes longer: then the host goes on (a step over a minute long)
 
 
 class Batches(NamedTuple):
@@ -58,11 +65,116 @@ def epoch_order(seed, epoch, n_images, n_used):
     return np.random.default_rng([seed, epoch, 2**20]).permutation(n_images)[:n_used]
 
 
+@functools.cache
+def _stop_on_nan_class():
+    import keras
+
+    class StopOnNaN(keras.callbacks.Callback):
+        """Stops fit() once the loss is NaN or infinite, without a device sync of its own.
+
+        keras.callbacks.TerminateOnNaN overrides on_batch_end without being async-safe, so on JAX and PyTorch
+        Keras turns off its asynchronous batch-end dispatch for it: every step's logs are then read on the
+        main thread, a device sync per step. This callback is async-safe: Keras runs its batch end on a worker
+        thread, where the loss (Keras's running mean, so NaN from the bad step to the end of the epoch) is
+        read once that step has finished, while the main thread queues the next ones. The main thread waits
+        only when it is MAX_UNCHECKED_EXECUTIONS executions ahead of the last checked one, so a NaN stops the
+        run at most that many executions (times steps_per_execution steps) after the step that made it. On
+        TensorFlow, whose callbacks Keras always runs on the main thread after each execution, it stops at
+        the end of that execution. The epoch's end reports it (fit, below)."""
+
+        async_safe = True
+
+        def __init__(self):
+            super().__init__()
+            self.condition = threading.Condition()
+            self.checked = 0  # steps of this epoch whose loss has been looked at
+            self.trainer = None
+
+        def set_model(self, model):
+            super().set_model(model)
+            # Our own reference: on JAX, Callback.model copies the whole training state back into the
+            # model's variables at every access (a device sync per step, measured as most of the step time).
+            self.trainer = model
+
+        def on_epoch_begin(self, epoch, logs=None):
+            with self.condition:
+                self.checked = 0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            limit = MAX_UNCHECKED_EXECUTIONS * self.trainer.steps_per_execution
+            with self.condition:
+                self.condition.wait_for(lambda: batch - self.checked < limit or self.trainer.stop_training,
+                                        timeout=CHECK_WAIT_S)
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            with self.condition:
+                if loss is not None and not math.isfinite(loss):
+                    self.trainer.stop_training = True
+                self.checked = max(self.checked, batch + 1)
+                self.condition.notify_all()
+
+    return StopOnNaN
+
+
+def fuse_steps(model):
+    """On JAX, one compiled program per execution of steps_per_execution steps. Keras's JAX trainer runs
+    an execution as a Python loop that dispatches the compiled step once per batch, so the host still pays
+    a dispatch of the whole training state (every weight, BN statistic, momentum and metric) per step; here
+    the N steps are one XLA program (jax.lax.scan over the N batches, stacked on the device) and the host
+    dispatches once per N steps. A last, shorter execution of an epoch runs step by step. Keras's fit() uses
+    a train_function that is already set (it builds its own only when there is none); compile() resets it.
+    Not used with --distribute (keras.distribution shards Keras's own step) or without XLA."""
+    import keras
+    steps = model.steps_per_execution
+    if (keras.backend.backend() != "jax" or steps == 1 or not model.jit_compile
+            or keras.distribution.distribution() is not None):
+        return
+    import jax
+    import jax.numpy as jnp
+
+    def scan_steps(state, batches):
+        stacked = jax.tree.map(lambda *parts: jnp.stack(parts), *batches)
+
+        def one_step(state, data):
+            logs, state = model.train_step(state, data)
+            return state, logs
+        state, logs = jax.lax.scan(one_step, state, stacked)
+        return jax.tree.map(lambda values: values[-1], logs), state
+
+    fused = jax.jit(scan_steps, donate_argnums=0)
+    single = jax.jit(model.train_step, donate_argnums=0)
+
+    def train_function(state, iterator):
+        batches = list(itertools.islice(iterator, steps))
+        if len(batches) == steps:
+            return fused(state, batches)
+        for data in batches:
+            logs, state = single(state, data)
+        return logs, state
+
+    model.train_function = train_function
+
+
+def run_epoch(model, train, test, epoch, epochs, verbose=0):
+    """One epoch through Keras's fit(), as the scripts train (bench.py times this too): the given batches in
+    their order, the test set evaluated at its end when given, NaN stopping it early. Returns the epoch's
+    logs (loss, accuracy, val_loss, val_accuracy)."""
+    import keras
+    # One fit() call per epoch, on our own shuffled order; the progress bar still says "Epoch 82/200".
+    stop_after_one_epoch = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda _, logs: setattr(model, "stop_training", True))
+    validation = {} if test is None else {"validation_data": (test.x, test.y),
+                                          "validation_batch_size": test.batch_size}
+    result = model.fit(*train, epochs=epochs, initial_epoch=epoch, shuffle=False, verbose=verbose, **validation,
+                       callbacks=[_stop_on_nan_class()(), stop_after_one_epoch])
+    return {key: values[-1] for key, values in result.history.items()}
+
+
 def fit(model, args, data, paths, config, learning_rate_at):
     """Trains epoch by epoch, saving the state after each; with --resume continues from the saved state.
     learning_rate_at(epoch) is the schedule's rate in that epoch (recorded in the history).
     Returns (history, seconds, training images per second) of this process's epochs."""
-    import keras
     (x_train, y_train), (x_test, y_test) = data
     steps = config["steps_per_epoch"]
     history = []
@@ -80,10 +192,6 @@ def fit(model, args, data, paths, config, learning_rate_at):
     write_histories()
     clear_old_events(paths["log_run"])
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
-    # fit() runs one epoch per call on our own shuffled order; this stops it after that epoch while
-    # the progress bar still says "Epoch 82/200".
-    stop_after_one_epoch = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", True))
     test = batches(x_test, y_test, EVAL_BATCH_SIZE)  # the same every epoch: built once
     log = ScalarLog(paths["log_run"])
     start = time.perf_counter()
@@ -96,11 +204,7 @@ def fit(model, args, data, paths, config, learning_rate_at):
             reseed_augmentation(model, args.seed, epoch)
             order = epoch_order(args.seed, epoch, len(x_train), steps * args.batch_size)
             train = batches(x_train[order], y_train[order], args.batch_size)
-            result = model.fit(*train, epochs=args.epochs, initial_epoch=epoch, shuffle=False,
-                               validation_data=(test.x, test.y), validation_batch_size=test.batch_size,
-                               verbose=verbose,
-                               callbacks=[keras.callbacks.TerminateOnNaN(), stop_after_one_epoch])
-            logs = {key: values[-1] for key, values in result.history.items()}
+            logs = run_epoch(model, train, test, epoch, args.epochs, verbose)
             if not all(math.isfinite(logs.get(key, math.nan)) for key in ("loss", "val_loss")):
                 last_good = paths["state"] if history else "none yet"
                 raise TrainingError(f"the loss became {logs.get('loss')} in epoch {epoch + 1}; the last good "

@@ -24,3 +24,16 @@ def test_bench_prints_a_machine_readable_line_per_configuration():
 def test_bench_refuses_an_unknown_script():
     result = run_script("bench.py", "train_nothing.py")
     assert result.returncode == 2 and "no family script" in result.stderr
+
+
+def test_overhead_mode_prints_one_line_per_configuration():
+    result = run_script("bench.py", "--overhead", "--steps-per-execution", "1", "2", "--steps", "8", "--warmup", "2",
+                        "--repeats", "1", "--batch-size", "16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("OVERHEAD ")]
+    assert [(f["loop"], f["spe"]) for f in (dict(i.split("=", 1) for i in line.split()[1:]) for line in lines)] == \
+        [("keras", "1"), ("ours", "1"), ("ours", "2")]
+    for line in lines:
+        fields = dict(item.split("=", 1) for item in line.split()[1:])
+        assert fields["backend"] == "tensorflow" and fields["device"] == "cpu" and fields["cpu"]
+        assert float(fields["us_per_step"]) > 0 and fields["batch"] == "16"

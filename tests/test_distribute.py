@@ -46,3 +46,12 @@ def test_torch_backend_refuses_distribute(cifar_dir, tmp_path):
                         "--checkpoint-dir", tmp_path, "--log-dir", tmp_path, backend="torch")
     assert result.returncode == 2
     assert "--distribute is not supported on the torch backend" in result.stderr.strip().splitlines()[-1]
+
+
+def test_multi_step_execution_with_tensorflow_distribute_is_refused(cifar_dir, tmp_path):
+    result = run_script("train_resnet32.py", "--data-dir", cifar_dir, "--stack-n", "1", "--batch-size", "32",
+                        "--distribute", "--cpu-devices", "2", "--steps-per-execution", "4",
+                        "--checkpoint-dir", tmp_path, "--log-dir", tmp_path, backend="tensorflow")
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "--steps-per-execution 4 does not work with --distribute on TensorFlow" in line and "use 1" in line

@@ -119,22 +119,47 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert not glob.glob(str(tmp_path / ".tmp-*"))
 
 
-def test_nan_loss_stops_with_the_epoch_and_last_checkpoint(cifar_dir, tmp_path):
-    result = run_script("train_resnet32.py", *tiny_run(cifar_dir, tmp_path, "--lr-schedule", "0:0.05,1:1e30"))
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_nan_loss_stops_with_the_epoch_and_last_checkpoint(cifar_dir, tmp_path, backend):
+    """The async-safe NaN stop (training.StopOnNaN): on JAX its check runs on Keras's worker thread."""
+    result = run_script("train_resnet32.py", *tiny_run(cifar_dir, tmp_path, "--lr-schedule", "0:0.05,1:1e30"),
+                        backend=backend, block_tensorflow=backend != "tensorflow")
     assert result.returncode == 1, result.stderr[-2000:]
-    line = result.stderr.strip().splitlines()[-1]
+    lines = [line for line in result.stderr.strip().splitlines() if "train_resnet32.py:" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = lines[0]
     assert "training failed" in line and "in epoch 2" in line and f"{RUN}.state.weights.h5 (epoch 1)" in line
     assert [int(r["epoch"]) for r in history(tmp_path)] == [0]
     assert not os.path.exists(tmp_path / "checkpoints" / f"{RUN}.h5")
 
 
-def test_resume_refuses_another_configuration(cifar_dir, tmp_path):
-    first = run_script("train_resnet32.py", *tiny_run(cifar_dir, tmp_path, "--epochs", "1"))
-    assert first.returncode == 0, first.stderr[-2000:]
-    state = tmp_path / "checkpoints" / f"{RUN}.state.weights.h5"
-    before = state.read_bytes()
-    result = run_script("train_resnet32.py", *tiny_run(cifar_dir, tmp_path, "--resume", "--seed", "7"))
-    assert result.returncode == 2
-    line = result.stderr.strip().splitlines()[-1]
-    assert "cannot resume" in line and "seed (0 vs 7 now)" in line and "Traceback" not in result.stderr
-    assert state.read_bytes() == before
+BOUND_SCRIPT = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import keras, numpy as np
+import common, train_resnet32, training
+from test_models import parse
+args = parse(train_resnet32, ["--stack-n", "1", "--lr-schedule", "0:1e30"])
+args.steps_per_execution = 1
+model = train_resnet32.resnet(1)
+common.compile_model(model, args, steps_per_epoch=100)
+seen = []
+counter = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: seen.append(batch))
+x = np.random.default_rng(0).integers(0, 256, (100 * 8, 32, 32, 3)).astype("uint8")
+model.fit(x, np.zeros(len(x), "int32"), batch_size=8, epochs=1, verbose=0,
+          callbacks=[training._stop_on_nan_class()(), counter])
+print("STEPS", len(seen), training.MAX_UNCHECKED_EXECUTIONS, model.stop_training)
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_nan_stops_the_epoch_within_the_bound(backend):
+    """Inside one fit() of 100 steps, the loss turns NaN at the second step (the first update, at a learning
+    rate of 1e30): the epoch stops within MAX_UNCHECKED_EXECUTIONS + 2 steps, on TensorFlow (callbacks on
+    the main thread) and on JAX (async dispatch, the check on Keras's worker thread)."""
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    code = BOUND_SCRIPT.format(root=ROOT, tests=os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, steps, limit, stopped = result.stdout.strip().splitlines()[-1].split()
+    assert stopped == "True" and 2 <= int(steps) <= int(limit) + 2, result.stdout

@@ -19,7 +19,7 @@ import train_resnext
 from conftest import final_fields, run_script
 from test_models import parse
 
-from conftest import EPOCHS
+from conftest import EPOCHS, TINY_RUN
 
 
 def read_history(path):
@@ -42,6 +42,42 @@ def test_final_line_and_outputs(trained):
     assert config["lr_schedule"] == "0:0.05,2:0.02" and config["steps_per_epoch"] == 320 // 32
     assert config["precision"] == "float32"  # the default on every device: the papers' numerics
     assert json.loads((out / "logs" / run / "config.json").read_text()) == config
+
+
+def test_first_lines_say_where_it_trains(trained):
+    backend, _, result = trained
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("training on:", "no GPU visible"))]
+    fields = dict(item.split("=", 1) for item in lines[0].split()[2:] if "=" in item)
+    assert fields["backend"] == backend and fields["devices"] == "1" and fields["precision"] == "float32"
+    assert fields["xla"] == ("on" if backend == "jax" else "off") and fields["steps_per_execution"].isdigit()
+    # this machine has no GPU: the second line says so and how to get one on each backend
+    assert lines[1].startswith("no GPU visible: training on the CPU") and 'pip install "jax[cuda12]"' in lines[1]
+    assert 'pip install "tensorflow[and-cuda]"' in lines[1] and "PyTorch" in lines[1]
+    assert result.stdout.index(lines[0]) < result.stdout.index("Epoch 1/")
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_steps_per_execution_gives_the_same_history(cifar_dir, tmp_path, backend):
+    """Four steps per compiled call (10 steps an epoch: 4 + 4 + 2) train like one: on TensorFlow Keras's
+    multi-step loop, on JAX our fused one (training.fuse_steps: four steps as one XLA program)."""
+    histories = {}
+    for spe in (1, 4):
+        out = tmp_path / f"spe{spe}"
+        result = run_script("train_resnet32.py", "--data-dir", cifar_dir, *TINY_RUN, "--steps-per-execution", spe,
+                            "--log-dir", out / "logs", "--checkpoint-dir", out / "checkpoints",
+                            backend=backend, block_tensorflow=backend != "tensorflow")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"steps_per_execution={spe}" in result.stdout
+        assert json.loads((out / "checkpoints" / "resnet8_e_cifar10.json").read_text())["steps_per_execution"] == spe
+        histories[spe] = read_history(out / "checkpoints" / "resnet8_e_cifar10.csv")
+    assert len(histories[1]) == len(histories[4]) == EPOCHS
+    # TensorFlow runs the very same step either way. XLA compiles JAX's fused steps as one program whose
+    # float rounding differs (weights within 1e-6 after 10 steps, training loss 2e-5 relative after the first
+    # epoch); 30 steps at this learning rate amplify it, the test loss most (0.4 % after 3 epochs)
+    rtol = 1e-5 if backend == "tensorflow" else 1e-2
+    for key in ("loss", "accuracy", "test_loss", "test_accuracy", "learning_rate"):
+        np.testing.assert_allclose([float(r[key]) for r in histories[4]], [float(r[key]) for r in histories[1]],
+                                   rtol=rtol, err_msg=key)
 
 
 def test_short_run_lowers_the_training_loss(trained):
