@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The fidelity protocol of results/fidelity_cpu.md: our ResNet-20 (unit e) and the seed article's recipe
+# (../shared/bench/seed_recipe.py, Keras 2 / tf-keras, ImageDataGenerator) on the same data, the same
+# schedule and seeds: full 50,000 training images, the 10,000 test images evaluated after every epoch,
+# batch 128, float32, TensorFlow on the CPU. One run at a time (each uses both cores).
+#   bash results/fidelity_cpu.sh DATA_DIR     # DATA_DIR holds cifar-10-batches-py/, e.g. from
+#                                              # python ../shared/data/cifar10_batches.py data
+# Needs: pip install -r requirements.txt, and for the seed recipe tf-keras matching TensorFlow plus scipy.
+set -euo pipefail
+DATA=${1:?usage: bash results/fidelity_cpu.sh DATA_DIR}
+cd "$(dirname "$0")/.."
+SEED_RECIPE=../shared/bench/seed_recipe.py
+SHORT=(--stack-n 3 --epochs 10 --lr-schedule 0:0.1,5:0.01,8:0.001)
+for seed in 0 1; do
+  python train_resnet32.py --data-dir "$DATA" "${SHORT[@]}" --seed "$seed" \
+    --run-name "fidelity_r20_10ep_seed${seed}_cifar10" --log-dir results/logs
+  mkdir -p "results/logs/seedrecipe_r20_10ep_seed${seed}"
+  python "$SEED_RECIPE" "$DATA" "${SHORT[@]}" --seed "$seed" \
+    --history "results/logs/seedrecipe_r20_10ep_seed${seed}/history.csv"
+done
+python train_resnet32.py --data-dir "$DATA" --stack-n 3 --epochs 30 --lr-schedule 0:0.1,15:0.01,23:0.001 --seed 0 \
+  --run-name fidelity_r20_30ep_seed0_cifar10 --log-dir results/logs
+# Tables and figures (compare.py reads our log folders and the seed recipe's history.csv alike).
+python compare.py fidelity_r20_10ep_seed0_cifar10 seedrecipe_r20_10ep_seed0 fidelity_r20_10ep_seed1_cifar10 \
+  seedrecipe_r20_10ep_seed1 --log-dir results/logs --zoom 10 --out results/fidelity_10ep_cpu.png \
+  > results/fidelity_10ep_cpu_table.md
+python compare.py fidelity_r20_30ep_seed0_cifar10 --log-dir results/logs --zoom 30 \
+  --out results/fidelity_30ep_cpu.png > results/fidelity_30ep_cpu_table.md
