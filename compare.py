@@ -4,7 +4,8 @@
     python compare.py logs/resnet56_a_cifar10 logs/plain56_a_cifar10 --out plain.png --zoom 20
 
 RUN is a run's log folder or a run name under --log-dir (default logs/); each holds history.csv and
-config.json, written by every training script. The figure has train accuracy, train loss, test accuracy
+config.json, written by every training script, or a history.csv alone (the seed recipe's --history, whose
+columns are the same), so that one figure overlays both. The figure has train accuracy, train loss, test accuracy
 and test loss per epoch for all runs (legend by run name) and a zoomed panel of the last epochs' test
 accuracy. The table (stdout) gives each run's model, parameters, checkpoint size on disk, final and best
 test accuracy, epochs and seconds per epoch. Final accuracy is the last epoch's: select on it, not on the
@@ -29,9 +30,12 @@ def load_run(run, log_dir):
     if not os.path.isdir(folder):
         raise UsageError(f"no run {run!r}: neither a folder nor a run under {log_dir}/ "
                                 "(give a log folder or a run name, see --log-dir)")
+    config_path = os.path.join(folder, "config.json")
     try:
-        with open(os.path.join(folder, "config.json")) as f:
-            config = json.load(f)
+        config = {}
+        if os.path.isfile(config_path):  # the seed recipe's history comes without one
+            with open(config_path) as f:
+                config = json.load(f)
         with open(os.path.join(folder, "history.csv")) as f:
             rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     except (OSError, ValueError) as error:
@@ -51,7 +55,8 @@ def table(runs):
         size = f"{os.path.getsize(checkpoint) / 1e6:.2f}" if checkpoint and os.path.isfile(checkpoint) else "-"
         accuracies = [row["test_accuracy"] for row in history]
         seconds = sum(row["seconds"] for row in history) / len(history)
-        lines.append(f"| {run['name']} | {config.get('model', '?')} | {config.get('params', 0):,} | {size} | "
+        params = f"{config['params']:,}" if "params" in config else "-"
+        lines.append(f"| {run['name']} | {config.get('model', '-')} | {params} | {size} | "
                      f"{accuracies[-1]:.4f} | {max(accuracies):.4f} | {len(history)} | {seconds:.1f} |")
     return "\n".join(lines)
 

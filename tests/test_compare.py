@@ -49,3 +49,17 @@ def test_missing_run_is_refused(two_runs):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "no_such_run" in result.stderr and "Traceback" not in result.stderr
     assert not (two_runs / "x.png").exists()
+
+
+def test_a_history_without_configuration_is_drawn_too(two_runs):
+    """The seed recipe writes history.csv alone (same columns): it is overlaid on our runs."""
+    seed = two_runs / "logs" / "seedrecipe_run"
+    seed.mkdir()
+    ours = (two_runs / "logs" / "resnet8_e_cifar10" / "history.csv").read_text()
+    (seed / "history.csv").write_text(ours)
+    figure = two_runs / "with_seed.png"
+    result = run_script("compare.py", "resnet8_e_cifar10", "seedrecipe_run", "--log-dir", two_runs / "logs",
+                        "--out", figure)
+    assert result.returncode == 0, result.stderr
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert re.search(r"^\| seedrecipe_run \| - \| - \| - \| ", result.stdout, re.M), result.stdout
