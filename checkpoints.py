@@ -1,11 +1,21 @@
-"""How a run's checkpoints are written and read back: the final model (.h5) and the per-epoch resume state.
+"""How a run's checkpoints are written and read back: the final model (.h5) and the per-epoch resume state,
+and how a model file given to --evaluate is loaded without running anything it holds.
 
 The model is saved with Keras's own layer classes, so plain keras.models.load_model reads it without this
 project's code. The resume state is one file, `<run>.state.weights.h5`: weights, optimizer state (its step
-count fixes the position in the learning-rate schedule) and the history so far. Both are written through
-outputs.atomic_write: a kill at any moment leaves the previous file whole.
+count fixes the position in the learning-rate schedule) and the history so far; it is read back as weights
+and JSON only. Both are written through outputs.atomic_write: a kill at any moment leaves the previous file
+whole.
+
+Loading a whole model is code execution waiting to happen: a model file's configuration names the classes
+and functions Keras will build it from (a Lambda layer carries Python bytecode; CVE-2025-1550, -8747,
+-9905, -9906, CVE-2026-1462 were ways around safe_mode). `load_model_safely` reads the configuration as
+JSON first and refuses any class this project's networks do not use, then lets Keras (>= 3.14, every fix
+above) load it with safe_mode=True and compile=False.
 """
 import json
+import os
+import zipfile
 
 from batch_norm import with_batch_normalization
 from errors import UsageError
@@ -16,11 +26,13 @@ from outputs import atomic_write
 RESUME_KEYS = ("model", "params", "dataset", "train_images", "batch_size", "seed", "precision")
 
 
-def save_model(model, path):
-    """The whole model as .h5, written atomically, with Keras's own layer classes: it loads with plain
-    keras.models.load_model, without this project's code."""
+def save_model(model, *paths):
+    """The whole model, at each path in the format its ending names (.h5, .keras), each written atomically,
+    with Keras's own layer classes: it loads with plain keras.models.load_model, without this project's code."""
     import keras
-    atomic_write(path, with_batch_normalization(model, keras.layers.BatchNormalization).save)
+    portable = with_batch_normalization(model, keras.layers.BatchNormalization)
+    for path in paths:
+        atomic_write(path, portable.save)
 
 
 def save_state(model, path, history, config):
@@ -59,3 +71,75 @@ def restore_state(model, path, config):
                          + ", ".join(f"{k} ({saved[k]} vs {config[k]} now)" for k in changed)
                          + "; rerun without --resume to start over, or choose another --run-name")
     return saved["history"]
+
+
+# Every class a network of this project saves (layers, the functional model, initializers, regularizers,
+# dtype policies, the tensors between layers) and the modules Keras names them by; anything else in a model
+# file (a Lambda, a function, another module) is refused before Keras reads the file.
+SAFE_CLASSES = frozenset({
+    "Functional", "InputLayer", "Rescaling", "RandomFlip", "RandomTranslation", "Conv2D", "BatchNormalization",
+    "Activation", "Add", "Concatenate", "GlobalAveragePooling2D", "AveragePooling2D", "Flatten", "Dense",
+    "HeNormal", "Zeros", "Ones", "L2", "DTypePolicy", "__keras_tensor__"})
+SAFE_MODULES = frozenset({None, "keras", "keras.layers", "keras.initializers", "keras.regularizers",
+                          "keras.src.models.functional"})
+SAFE_ACTIVATIONS = frozenset({"relu", "softmax", "linear"})
+
+
+def _model_config(path):
+    """The model's configuration as saved, read as JSON without Keras: config.json in a .keras archive,
+    the model_config attribute of an .h5."""
+    if path.endswith(".keras"):
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("config.json"))
+    import h5py
+    with h5py.File(path, "r") as f:
+        text = f.attrs["model_config"]
+    return json.loads(text.decode() if isinstance(text, bytes) else text)
+
+
+def unsafe_entries(config):
+    """What in a model configuration this project's networks never hold, e.g. ["keras.layers.Lambda"]."""
+    found = []
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if "class_name" in node or "module" in node:
+                module, name = node.get("module"), node.get("class_name")
+                if (module not in SAFE_MODULES or name not in SAFE_CLASSES
+                        or node.get("registered_name") not in (None, name)):
+                    found.append(f"{module}.{name}" if module else str(name))
+            activation = node.get("activation")
+            if activation is not None and activation not in SAFE_ACTIVATIONS:
+                found.append(f"activation {activation!r}")
+            stack.extend(node.values())
+    return found
+
+
+def check_model_file(path):
+    """UsageError naming the file and the reason unless `path` is a .h5 or .keras model whose configuration
+    holds only SAFE_CLASSES. Reads JSON only and imports no framework, so it can run before anything else."""
+    if not path.endswith((".h5", ".keras")):
+        raise UsageError(f"--evaluate {path!r}: expected a .h5 or .keras model saved by a training run")
+    try:
+        config = _model_config(path)
+    except Exception as error:  # not a zip / HDF5 file, no configuration, not JSON
+        raise UsageError(f"cannot load {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__} "
+                         "(is it a model saved by a training run?)") from None
+    unsafe = unsafe_entries(config)
+    if unsafe:
+        raise UsageError(f"refusing to load {path}: it holds {', '.join(sorted(set(unsafe)))}, which this "
+                         "project's networks never use (evaluate only model files you trust)")
+
+
+def load_model_safely(path):
+    """The model saved at `path`, checked (check_model_file, again: the file may have changed since an earlier
+    check) and loaded by Keras with safe_mode=True and compile=False; UsageError if Keras refuses it."""
+    import keras
+    check_model_file(path)
+    try:
+        return keras.models.load_model(os.fspath(path), compile=False, safe_mode=True)
+    except Exception as error:
+        raise UsageError(f"cannot load {path}: {str(error).splitlines()[0]}") from None

@@ -18,23 +18,27 @@ writes), devices.py (backend and precision), distributed.py (--distribute).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 from batch_norm import batch_normalization_class, with_batch_normalization
-from checkpoints import save_model
+from checkpoints import check_model_file, load_model_safely, save_model
 from cifar_data import DATASETS, IMAGE_SHAPE, find_local_data, load_data
 from devices import (PRECISIONS, configure_backend, resolve_jit_compile, resolve_steps_per_execution,
                      where_it_trains)
-from distributed import distribution, synchronize_batch_norm
+import distributed
+from distributed import WAIT_TIMEOUT_S, Watchdog, distribution, synchronize_batch_norm
 from errors import TrainingError, UsageError
-from outputs import check_writable_dir, final_line, remove_stale_temporaries, write_text
+from outputs import (CHECKPOINT_FILES, check_writable_dir, final_line, private_run_paths, remove_stale_temporaries,
+                     run_paths, write_text)
 from training import EVAL_BATCH_SIZE, batches, fit, fuse_steps
 
 # --- Training recipe: He et al. 2016 "Identity Mappings in Deep Residual Networks" (arXiv:1603.05027)
@@ -158,8 +162,8 @@ def make_parser(description, add_arguments):
     recipe.add_argument("--epochs", type=positive_int, help=f"default {EPOCHS}")
     recipe.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                         help="steps per epoch = floor(training images / batch size)")
-    recipe.add_argument("--lr-schedule", type=parse_lr_schedule, metavar="E:LR,...", help=f"step schedule: LR from epoch E on (counted from 0); "
-                                                 f"default {LR_SCHEDULE}")
+    recipe.add_argument("--lr-schedule", type=parse_lr_schedule, metavar="E:LR,...",
+                        help=f"step schedule: LR from epoch E on (counted from 0); default {LR_SCHEDULE}")
     recipe.add_argument("--weight-decay", type=_nonnegative_float,
                         help=f"L2 penalty on kernels: loss += wd * sum(w^2) (default {WEIGHT_DECAY:g})")
     recipe.add_argument("--seed", type=int, default=SEED,
@@ -182,11 +186,19 @@ def make_parser(description, add_arguments):
                        help="multiply every --lr-schedule rate by K; linear scaling rule: K = batch size / 128")
     scale.add_argument("--cpu-devices", type=positive_int, metavar="N",
                        help="split the CPU into N devices, to try --distribute on a machine without GPUs")
+    scale.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="JAX on several machines: process 0's address; with --num-processes and --process-id "
+                            "(TensorFlow reads the standard TF_CONFIG instead)")
+    scale.add_argument("--num-processes", type=positive_int, metavar="N", help="processes in the JAX cluster")
+    scale.add_argument("--process-id", type=_int_at_least(0), metavar="I", help="this process, 0 to N-1; 0 writes")
+    scale.add_argument("--wait-timeout", type=_positive_float, default=WAIT_TIMEOUT_S, metavar="S",
+                       help="with --distribute, end the run (exit code 1) when no step finishes for S seconds, "
+                            f"e.g. a worker that never comes (default {WAIT_TIMEOUT_S})")
     out = parser.add_argument_group("outputs")
     out.add_argument("--run-name", help="default: <model>_<dataset>, e.g. resnet32_e_cifar10")
     out.add_argument("--log-dir", default="logs", help="TensorBoard logs go to LOG_DIR/<run-name>/")
     out.add_argument("--checkpoint-dir", default="checkpoints",
-                     help="<run-name>.h5, .csv (history) and .json (configuration)")
+                     help="<run-name>.h5 and .keras (the model), .csv (history) and .json (configuration)")
     out.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from its last completed epoch (same command plus --resume)")
     out.add_argument("--verbose", type=int, choices=(0, 1, 2),
@@ -194,7 +206,9 @@ def make_parser(description, add_arguments):
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--summary", action="store_true",
                        help="print model.summary() and exit without loading data")
-    modes.add_argument("--evaluate", metavar="PATH", help="evaluate a saved .h5 model on the test set")
+    modes.add_argument("--evaluate", metavar="PATH",
+                       help="evaluate a saved .h5 or .keras model on the test set (loaded with safe_mode; "
+                            "evaluate only files you trust)")
     return parser
 
 
@@ -271,6 +285,7 @@ def parse_args(add_arguments, argv=None, check=None, description=None):
 
 def _run(description, add_arguments, run_name, build_model, check, argv):
     args = parse_args(add_arguments, argv, check, description)
+    cluster = distributed.check(args)
     spec = DATASETS[args.dataset]
     name = args.run_name or f"{run_name(args)}_{args.dataset}"
     if args.summary:
@@ -282,51 +297,69 @@ def _run(description, add_arguments, run_name, build_model, check, argv):
         find_local_data(args.data_dir, args.dataset)
     if args.evaluate:
         return _evaluate(args, name, spec)
-    check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
-    check_writable_dir(os.path.join(args.log_dir, name), "--log-dir")
+    if cluster.chief:  # the only process that writes
+        check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+        check_writable_dir(os.path.join(args.log_dir, name), "--log-dir")
     try:
         import tensorboard  # noqa: F401  (the scalar log needs it; say so now, not after an epoch)
     except ImportError:
         raise UsageError("the tensorboard package is missing; fix: pip install tensorboard") from None
-    paths = {"h5": os.path.join(args.checkpoint_dir, f"{name}.h5"),
-             "csv": os.path.join(args.checkpoint_dir, f"{name}.csv"),
-             "json": os.path.join(args.checkpoint_dir, f"{name}.json"),
-             "state": os.path.join(args.checkpoint_dir, f"{name}.state.weights.h5"),
-             "log_run": os.path.join(args.log_dir, name),
-             "log_csv": os.path.join(args.log_dir, name, "history.csv"),
-             "log_json": os.path.join(args.log_dir, name, "config.json")}
+    paths = run_paths(args.checkpoint_dir, args.log_dir, name)
+    if args.resume and not cluster.chief and not os.path.isfile(paths["state"]):  # before joining the others
+        raise UsageError(f"--resume: {cluster.kind} cannot read the chief's state {paths['state']} (give every "
+                         "worker the same --checkpoint-dir on a shared folder, or rerun all without --resume)")
     data = load_data(args)
     if len(data[0][0]) < args.batch_size:
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(data[0][0])} training images "
                          "(lower --batch-size or raise --train-limit)")
 
-    args.precision = configure_backend(args.precision, args.cpu_devices)
-    args.steps_per_execution = resolve_steps_per_execution(args.steps_per_execution, args.distribute)
+    # XLA's own collective timeout stays above ours: the watchdog's one line comes first, not XLA's core dump
+    args.precision = configure_backend(args.precision, args.cpu_devices, collective_timeout=2 * args.wait_timeout)
     import keras
-    scope, devices = distribution(args)
-    if args.batch_size % devices:
-        raise UsageError(f"--batch-size {args.batch_size} does not split over {devices} devices "
-                         f"(use a multiple of {devices})")
-    keras.utils.set_random_seed(args.seed)
-    with scope:
-        model = build_model(args, spec.classes)
-        config = _resolved_config(args, name, model, data, paths)
-        config["devices"] = devices
-        remove_stale_temporaries(args.checkpoint_dir,
-                                  {os.path.basename(paths[k]) for k in ("h5", "csv", "json", "state")})
-        for key in ("json", "log_json"):
-            write_text(paths[key], json.dumps(config, indent=2) + "\n")
-        if args.distribute and keras.backend.backend() == "tensorflow":
-            synchronize_batch_norm(model, True)
-        compile_model(model, args, config["steps_per_epoch"])
-        print("\n".join(where_it_trains(model, devices)), flush=True)
-        history, seconds, images_per_s = fit(model, args, data, paths, config,
-                                                 lambda epoch: lr_at_epoch(args.lr_schedule, epoch))
-        synchronize_batch_norm(model, False)
-    save_model(model, paths["h5"])
+    with contextlib.ExitStack() as stack:
+        # Joining the other processes is bounded by --wait-timeout on its own (jax.distributed's timeout,
+        # distributed.wait_for_peers for TensorFlow); from then on the watchdog bounds every wait.
+        distributed.start_processes(args)  # JAX: before anything asks for a device
+        scope, devices = distribution(args, cluster)
+        watchdog = None
+        if args.distribute:
+            waiting_for = f"the other {'workers' if cluster.processes > 1 else 'devices'} ({cluster.kind})"
+            watchdog = stack.enter_context(Watchdog(args.wait_timeout, waiting_for))
+        args.steps_per_execution = resolve_steps_per_execution(args.steps_per_execution, args.distribute)
+        # one writer: the other processes write into a private folder deleted at the end
+        writes = paths if cluster.chief else private_run_paths(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="worker-")), name)
+        if args.batch_size % devices:
+            raise UsageError(f"--batch-size {args.batch_size} does not split over {devices} devices "
+                             f"(use a multiple of {devices})")
+        keras.utils.set_random_seed(args.seed)
+        with scope:
+            model = build_model(args, spec.classes)
+            config = _resolved_config(args, name, model, data, paths)
+            config.update(devices=devices, processes=cluster.processes)
+            remove_stale_temporaries(os.path.dirname(writes["h5"]),
+                                     {os.path.basename(writes[k]) for k in CHECKPOINT_FILES})
+            for key in ("json", "log_json"):
+                write_text(writes[key], json.dumps(config, indent=2) + "\n")
+            if args.distribute and keras.backend.backend() == "tensorflow":
+                synchronize_batch_norm(model, True)
+            compile_model(model, args, config["steps_per_epoch"])
+            distributed.prepare_multi_worker_fit(model, args.batch_size, cluster)
+            print("\n".join(where_it_trains(model, devices, cluster.kind)), flush=True)
+            try:
+                history, seconds, images_per_s = fit(model, args, data, writes, config,
+                                                     lambda epoch: lr_at_epoch(args.lr_schedule, epoch), cluster,
+                                                     watchdog.beat if watchdog else None, resume_from=paths["state"])
+            except Exception as error:  # a worker or device lost mid-run: the framework's error, one line
+                if args.distribute and distributed.is_runtime_error(error):
+                    raise TrainingError(f"{cluster.kind}: {str(error).strip().splitlines()[0][:300]}") from None
+                raise
+            synchronize_batch_norm(model, False)
+            save_model(model, writes["h5"], writes["keras"])
+    if cluster.chief:
+        print(f"saved {paths['h5']} and {paths['keras']}, history {paths['csv']}, configuration {paths['json']}, "
+              f"TensorBoard logs {paths['log_run']}")
     last = history[-1]
-    print(f"saved {paths['h5']}, history {paths['csv']}, configuration {paths['json']}, "
-          f"TensorBoard logs {paths['log_run']}")
     print(final_line(run=name, epochs=len(history), params=model.count_params(),
                      test_acc=f"{last['test_accuracy']:.4f}", test_loss=f"{last['test_loss']:.4f}",
                      train_images_per_s=f"{images_per_s:.1f}", seconds=f"{seconds:.1f}", devices=devices))
@@ -348,14 +381,12 @@ def _resolved_config(args, name, model, data, paths):
 
 def _evaluate(args, name, spec):
     if not os.path.isfile(args.evaluate):
-        raise UsageError(f"--evaluate {args.evaluate!r}: no such file (give a .h5 saved by a training run)")
+        raise UsageError(f"--evaluate {args.evaluate!r}: no such file (give a .h5 or .keras saved by a "
+                         "training run)")
+    check_model_file(args.evaluate)  # before the framework starts: a refusal is one line, instantly
     _, (x_test, y_test) = load_data(args, train=False)
     configure_backend()
-    import keras
-    try:
-        model = keras.models.load_model(args.evaluate, compile=False)
-    except Exception as error:
-        raise UsageError(f"cannot load {args.evaluate}: {str(error).splitlines()[0]}") from None
+    model = load_model_safely(args.evaluate)
     classes = model.output_shape[-1]
     if classes != spec.classes:
         raise UsageError(f"{args.evaluate} predicts {classes} classes but {spec.title} has {spec.classes} "

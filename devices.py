@@ -5,10 +5,15 @@ Run from common.main and bench.py only, after every flag and path has been check
 starts the framework, which prints its own start-up lines.
 """
 import os
+import sys
 
 from errors import UsageError
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # "auto" or a Keras dtype policy
+# Keras builds, saves and loads a functional model by walking its layer graph recursively, a few Python frames
+# per layer: ResNet-1001's 3,000+ layers need about 10,000. Python's default limit is 1,000, and importing
+# TensorFlow sets it to 3,000, so configure_backend sets it after the framework is imported.
+RECURSION_LIMIT = 20_000
 
 
 def cpu_model():
@@ -47,7 +52,7 @@ def resolve_precision(precision):
     return "float32"
 
 
-def configure_backend(precision="float32", cpu_devices=None):
+def configure_backend(precision="float32", cpu_devices=None, collective_timeout=900):
     """Session setup, run from main and bench only: quieter TensorFlow start-up, the dtype policy and,
     for --cpu-devices, the host CPU split into several devices (before the framework starts).
     Returns the precision in force ("auto" resolved)."""
@@ -59,7 +64,8 @@ def configure_backend(precision="float32", cpu_devices=None):
         # default 40 s rendezvous timeout then aborts a healthy run on a small machine.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={cpu_devices}"
-                                   + " --xla_cpu_collective_call_terminate_timeout_seconds=900").strip()
+                                   + f" --xla_cpu_collective_call_terminate_timeout_seconds={collective_timeout:.0f}"
+                                   ).strip()
     import keras
     if cpu_devices and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -67,6 +73,7 @@ def configure_backend(precision="float32", cpu_devices=None):
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
     precision = resolve_precision(precision)
     keras.mixed_precision.set_global_policy(precision)
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     return precision
 
 
@@ -115,13 +122,13 @@ GPU_HINT = ('no GPU visible: training on the CPU. For a GPU install the backend\
             'or PyTorch\'s CUDA wheel from https://pytorch.org/get-started/locally/ (PyTorch)')
 
 
-def where_it_trains(model, devices):
-    """The lines that open every run: backend, devices, precision, XLA, steps per execution, and, when no
-    GPU is visible, how to get one."""
+def where_it_trains(model, devices, process="one process"):
+    """The lines that open every run: backend, devices, processes, precision, XLA, steps per execution, and,
+    when no GPU is visible, how to get one."""
     import keras
     found = accelerators()
     names = ", ".join(sorted(set(found))) or "cpu"
-    lines = [f"training on: backend={keras.backend.backend()} devices={devices} ({names}) "
+    lines = [f"training on: backend={keras.backend.backend()} devices={devices} ({names}; {process}) "
              f"precision={keras.mixed_precision.dtype_policy().name} xla={'on' if model.jit_compile else 'off'} "
              f"steps_per_execution={model.steps_per_execution}"]
     if not found:

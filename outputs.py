@@ -14,6 +14,31 @@ import time
 from errors import UsageError
 
 
+# A run's files: the checkpoint folder's (the model twice, history, configuration, resume state) and the
+# log folder's (TensorBoard events under train/ and test/, history and configuration again for compare.py).
+CHECKPOINT_FILES = ("h5", "keras", "csv", "json", "state")
+
+
+def run_paths(checkpoint_dir, log_dir, name):
+    return {"h5": os.path.join(checkpoint_dir, f"{name}.h5"),
+            "keras": os.path.join(checkpoint_dir, f"{name}.keras"),
+            "csv": os.path.join(checkpoint_dir, f"{name}.csv"),
+            "json": os.path.join(checkpoint_dir, f"{name}.json"),
+            "state": os.path.join(checkpoint_dir, f"{name}.state.weights.h5"),
+            "log_run": os.path.join(log_dir, name),
+            "log_csv": os.path.join(log_dir, name, "history.csv"),
+            "log_json": os.path.join(log_dir, name, "config.json")}
+
+
+def private_run_paths(folder, name):
+    """run_paths inside `folder` (a temporary folder): where a process other than the chief writes the same
+    files as the chief, since saving reads variables and may take part in collectives every worker must join."""
+    paths = run_paths(os.path.join(folder, "checkpoints"), os.path.join(folder, "logs"), name)
+    for path in (os.path.dirname(paths["h5"]), paths["log_run"]):
+        os.makedirs(path, exist_ok=True)
+    return paths
+
+
 def check_writable_dir(path, flag):
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a file, not a folder (choose another {flag})")

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from checkpoints import restore_state, save_state
+from distributed import Cluster, process_share
 from errors import TrainingError
 from outputs import ScalarLog, clear_old_events, write_history
 
@@ -156,33 +157,60 @@ def fuse_steps(model):
     model.train_function = train_function
 
 
-def run_epoch(model, train, test, epoch, epochs, verbose=0):
+@functools.cache
+def _heartbeat_class():
+    import keras
+
+    class Heartbeat(keras.callbacks.Callback):
+        """Calls beat() at the end of every training and evaluation step (async-safe: no sync of its own)."""
+        async_safe = True
+
+        def __init__(self, beat):
+            super().__init__()
+            self.beat = beat
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.beat()
+
+        def on_test_batch_end(self, batch, logs=None):
+            self.beat()
+
+    return Heartbeat
+
+
+def run_epoch(model, train, test, epoch, epochs, verbose=0, beat=None):
     """One epoch through Keras's fit(), as the scripts train (bench.py times this too): the given batches in
-    their order, the test set evaluated at its end when given, NaN stopping it early. Returns the epoch's
-    logs (loss, accuracy, val_loss, val_accuracy)."""
+    their order, the test set evaluated at its end when given, NaN stopping it early, beat() after every
+    step when given (distributed.Watchdog). Returns the epoch's logs (loss, accuracy, val_loss, val_accuracy)."""
     import keras
     # One fit() call per epoch, on our own shuffled order; the progress bar still says "Epoch 82/200".
     stop_after_one_epoch = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda _, logs: setattr(model, "stop_training", True))
+    callbacks = [_stop_on_nan_class()(), stop_after_one_epoch] + ([_heartbeat_class()(beat)] if beat else [])
     validation = {} if test is None else {"validation_data": (test.x, test.y),
                                           "validation_batch_size": test.batch_size}
     result = model.fit(*train, epochs=epochs, initial_epoch=epoch, shuffle=False, verbose=verbose, **validation,
-                       callbacks=[_stop_on_nan_class()(), stop_after_one_epoch])
+                       callbacks=callbacks)
     return {key: values[-1] for key, values in result.history.items()}
 
 
-def fit(model, args, data, paths, config, learning_rate_at):
-    """Trains epoch by epoch, saving the state after each; with --resume continues from the saved state.
-    learning_rate_at(epoch) is the schedule's rate in that epoch (recorded in the history).
-    Returns (history, seconds, training images per second) of this process's epochs."""
+def fit(model, args, data, paths, config, learning_rate_at, cluster=Cluster(), beat=None, resume_from=None):
+    """Trains epoch by epoch, writing the history, TensorBoard scalars and the resume state to `paths` after
+    each; with --resume continues from the state at `resume_from` (default: paths["state"]; in a cluster,
+    the chief's, on a folder every worker shares). learning_rate_at(epoch) is the schedule's rate in that
+    epoch (recorded in the history). Returns (history, seconds, training images per second) of this
+    process's epochs."""
+    import keras
     (x_train, y_train), (x_test, y_test) = data
     steps = config["steps_per_epoch"]
+    resume_from = resume_from or paths["state"]
     history = []
-    if args.resume and os.path.isfile(paths["state"]):
-        history = restore_state(model, paths["state"], config)
-        print(f"resuming {config['run_name']} after epoch {len(history)} from {paths['state']}")
+    if args.resume and os.path.isfile(resume_from):
+        history = restore_state(model, resume_from, config)
+        print(f"resuming {config['run_name']} after epoch {len(history)} from {resume_from}")
     elif args.resume:
-        print(f"nothing to resume at {paths['state']}: starting {config['run_name']} from epoch 1")
+        print(f"nothing to resume at {resume_from}: starting {config['run_name']} from epoch 1")
+
     def write_histories():  # next to the checkpoint and in the log folder (compare.py reads the latter)
         for key in ("csv", "log_csv"):
             write_history(paths[key], history)
@@ -192,7 +220,9 @@ def fit(model, args, data, paths, config, learning_rate_at):
     write_histories()
     clear_old_events(paths["log_run"])
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
-    test = batches(x_test, y_test, EVAL_BATCH_SIZE)  # the same every epoch: built once
+    backend = keras.backend.backend()
+    mine, eval_batch = process_share(np.arange(len(x_test)), EVAL_BATCH_SIZE, cluster, backend)
+    test = batches(x_test[mine], y_test[mine], eval_batch)  # the same every epoch: built once
     log = ScalarLog(paths["log_run"])
     start = time.perf_counter()
     first = len(history)
@@ -202,9 +232,10 @@ def fit(model, args, data, paths, config, learning_rate_at):
         for epoch in range(first, args.epochs):
             epoch_start = time.perf_counter()
             reseed_augmentation(model, args.seed, epoch)
-            order = epoch_order(args.seed, epoch, len(x_train), steps * args.batch_size)
-            train = batches(x_train[order], y_train[order], args.batch_size)
-            logs = run_epoch(model, train, test, epoch, args.epochs, verbose)
+            order, batch = process_share(epoch_order(args.seed, epoch, len(x_train), steps * args.batch_size),
+                                         args.batch_size, cluster, backend)
+            train = batches(x_train[order], y_train[order], batch)
+            logs = run_epoch(model, train, test, epoch, args.epochs, verbose, beat)
             if not all(math.isfinite(logs.get(key, math.nan)) for key in ("loss", "val_loss")):
                 last_good = paths["state"] if history else "none yet"
                 raise TrainingError(f"the loss became {logs.get('loss')} in epoch {epoch + 1}; the last good "

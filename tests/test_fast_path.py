@@ -61,10 +61,12 @@ def test_fused_batch_normalization_computes_what_keras_does(policy, precision, r
         np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * np.abs(expected).max(), err_msg=name)
 
 
-def test_saved_checkpoint_loads_in_plain_keras(trained):
-    """The .h5 of a real run loads in a Python that cannot import this project, with Keras's own classes."""
+@pytest.mark.parametrize("extension", [".h5", ".keras"])
+def test_saved_checkpoint_loads_in_plain_keras(trained, extension):
+    """The .h5 and .keras of a real run load in a Python that cannot import this project, with Keras's own
+    classes."""
     _, out, _ = trained
-    path = out / "checkpoints" / "resnet8_e_cifar10.h5"
+    path = out / "checkpoints" / f"resnet8_e_cifar10{extension}"
     code = ("import sys, keras; m = keras.models.load_model(sys.argv[1], compile=False); "
             "print(sorted({type(l).__module__.split('.')[0] for l in m.layers}), m.count_params())")
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": ""}

@@ -36,6 +36,8 @@ MODEL_LIST = [
     (train_resnet_v2, ["--version", "2", "--depth", "56"], 1_673_738, 1_663_338, 10_400),
     (train_resnet_v2, ["--version", "2", "--depth", "110"], 3_323_210, 3_302_442, 20_768),
     (train_resnet_v2, ["--version", "2", "--depth", "164"], 4_972_682, 4_941_546, 31_136),
+    # section 3b: the pre-activation paper's own networks (ResNet-1001 is built in its own test below)
+    (train_resnet_v2, ["--layout", "paper", "--depth", "164"], 1_740_042, 1_715_818, 24_224),
     # spec §5: "an independent build of the grouped form with bias-free convolutions gave ..."
     (train_resnext, ["--cardinality", "8", "--width", "64"], 34_484_170, None, None),
     (train_resnext, ["--cardinality", "16", "--width", "64"], 68_255_690, None, None),
@@ -160,3 +162,62 @@ def test_resnext_split_form_saves_and_reloads_safely(tmp_path, extension):
     x = random_images()
     np.testing.assert_array_equal(split.predict(x, verbose=0), reloaded.predict(x, verbose=0))
     assert not any(isinstance(layer, keras.layers.Lambda) for layer in reloaded.layers)
+
+
+@pytest.fixture
+def deep_recursion():
+    """What devices.configure_backend sets for every script: Keras walks a 3,000-layer graph recursively."""
+    import sys
+
+    import devices
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(before, devices.RECURSION_LIMIT))
+    yield
+    sys.setrecursionlimit(before)
+
+
+def test_paper_resnet1001_builds_counts_saves_and_reloads(tmp_path, deep_recursion):
+    """Over 3,000 layers: built, counted, saved (.h5 and .keras) and reloaded once each, in one test."""
+    import keras
+
+    import checkpoints
+    model = build(train_resnet_v2, ["--layout", "paper", "--depth", "1001"])
+    assert len(model.layers) > 3000
+    assert (model.count_params(), trainable_count(model)) == (10_551_978, 10_402_762)
+    assert model.count_params() - trainable_count(model) == 149_216
+    x = random_images(2)
+    expected = model.predict(x, verbose=0)
+    for extension in (".h5", ".keras"):
+        path = str(tmp_path / f"resnet1001{extension}")
+        checkpoints.save_model(model, path)
+        reloaded = keras.models.load_model(path, compile=False)
+        assert reloaded.count_params() == 10_551_978
+        np.testing.assert_allclose(reloaded.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth, total", [("164", "1,740,042"), ("1001", "10,551,978")])
+def test_paper_layout_summary(depth, total):
+    result = run_script("train_resnet_v2.py", "--layout", "paper", "--depth", depth, "--summary")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Total params: {total}" in result.stdout
+
+
+def test_run_names_keep_the_layouts_apart():
+    assert train_resnet_v2.run_name(parse(train_resnet_v2, ["--layout", "paper", "--depth", "164"])) == \
+        "resnet164_v2_paper"
+    assert train_resnet_v2.run_name(parse(train_resnet_v2, ["--depth", "164"])) == "resnet164_v2"
+
+
+def test_paper_layout_units():
+    """He et al. 2016's unit: bottleneck widths 16/32/64, outputs 4x, each stage's projection reading the
+    unit's first BN-ReLU, stride 2 on the first 1x1 convolution of stages 2 and 3."""
+    model = build(train_resnet_v2, ["--layout", "paper", "--depth", "20"])
+    for stage, (width, stride) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
+        unit = f"stage{stage}_unit1"
+        conv1, conv3 = model.get_layer(f"{unit}_conv1"), model.get_layer(f"{unit}_conv3")
+        assert conv1.filters == width and conv1.kernel_size == (1, 1) and conv1.strides == (stride, stride)
+        assert model.get_layer(f"{unit}_conv2").kernel_size == (3, 3) and conv3.filters == 4 * width
+        projection = model.get_layer(f"{unit}_projection")
+        assert projection.strides == (stride, stride) and projection.filters == 4 * width
+        assert projection.input.name == model.get_layer(f"{unit}_relu1").output.name
+    assert model.get_layer("head_pool").__class__.__name__ == "GlobalAveragePooling2D"

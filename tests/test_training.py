@@ -35,6 +35,7 @@ def test_final_line_and_outputs(trained):
     assert 0 <= float(fields["test_acc"]) <= 1 and len(fields["test_acc"]) == 6
     assert float(fields["train_images_per_s"]) > 0 and float(fields["seconds"]) > 0
     assert os.path.getsize(out / "checkpoints" / f"{run}.h5") > 100_000
+    assert os.path.getsize(out / "checkpoints" / f"{run}.keras") > 100_000
     for split in ("train", "test"):
         assert glob.glob(str(out / "logs" / run / split / "events.out.tfevents.*"))
     config = json.loads((out / "checkpoints" / f"{run}.json").read_text())
@@ -91,10 +92,11 @@ def test_short_run_lowers_the_training_loss(trained):
     assert read_history(out / "logs" / "resnet8_e_cifar10" / "history.csv") == history
 
 
-def test_evaluate_reproduces_the_final_test_accuracy(trained, cifar_dir):
+@pytest.mark.parametrize("extension", [".h5", ".keras"])
+def test_evaluate_reproduces_the_final_test_accuracy(trained, cifar_dir, extension):
     backend, out, result = trained
     evaluation = run_script("train_resnet32.py", "--data-dir", cifar_dir, "--stack-n", "1",
-                            "--evaluate", out / "checkpoints" / "resnet8_e_cifar10.h5", backend=backend,
+                            "--evaluate", out / "checkpoints" / f"resnet8_e_cifar10{extension}", backend=backend,
                             block_tensorflow=backend != "tensorflow")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     trained_fields, evaluated = final_fields(result.stdout), final_fields(evaluation.stdout)
