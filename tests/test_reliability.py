@@ -133,6 +133,18 @@ def test_nan_loss_stops_with_the_epoch_and_last_checkpoint(cifar_dir, tmp_path, 
     assert not os.path.exists(tmp_path / "checkpoints" / f"{RUN}.h5")
 
 
+def test_resume_refuses_another_configuration(cifar_dir, tmp_path):
+    first = run_script("train_resnet32.py", *tiny_run(cifar_dir, tmp_path, "--epochs", "1"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    state = tmp_path / "checkpoints" / f"{RUN}.state.weights.h5"
+    before = state.read_bytes()
+    result = run_script("train_resnet32.py", *tiny_run(cifar_dir, tmp_path, "--resume", "--seed", "7"))
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "cannot resume" in line and "seed (0 vs 7 now)" in line and "Traceback" not in result.stderr
+    assert state.read_bytes() == before
+
+
 BOUND_SCRIPT = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
