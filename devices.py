@@ -80,8 +80,10 @@ def configure_backend(precision="float32", cpu_devices=None, collective_timeout=
 # --steps-per-execution auto: Keras compile(steps_per_execution=), chosen per device type by measurement
 # (README "Performance"; results/performance_gpu.md). ResNet-20, batch 128, bench.py --loop keras ours
 # --steps-per-execution 1 4 16 (16 vs 1): H100 + JAX 26,099 vs 22,435 images/s; 2-core EPYC + TensorFlow
-# 1,204 vs 1,178 (compute-bound: no loss, less host work). bench.py --overhead (us per step, 1 / 4 / 16 / 64):
-# H100 + JAX 1,360 / 819 / 691 / 599; EPYC + TensorFlow 689 / 423 / 354 / 276; EPYC + JAX 94 / 74 / 61 / 56.
+# 1,204 vs 1,178 (compute-bound: no loss, less host work). bench.py --overhead (us per step, 1 / 4 / 16 / 64),
+# batch 128: H100 + JAX 1,360 / 819 / 691 / 599; EPYC + TensorFlow 689 / 423 / 354 / 276; EPYC + JAX
+# 94 / 74 / 61 / 56; batch 8 (the default now): EPYC + TensorFlow 508 / 251 / 160 / 138, EPYC + JAX
+# 107 / 37 / 22 / 14 (results/performance_cpu.md).
 STEPS_PER_EXECUTION = {"cpu": 16, "gpu": 16}
 
 

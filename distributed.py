@@ -264,9 +264,11 @@ def process_share(order, batch_size, cluster, backend):
     if cluster.processes == 1 or backend != "jax":
         return order, batch_size
     share = batch_size // cluster.processes
-    parts = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    mine = [part[cluster.index * (len(part) // cluster.processes):(cluster.index + 1) * (len(part) // cluster.processes)]
-            for part in parts]
+    mine = []
+    for start in range(0, len(order), batch_size):
+        part = order[start:start + batch_size]
+        each = len(part) // cluster.processes
+        mine.append(part[cluster.index * each:(cluster.index + 1) * each])
     return np.concatenate(mine), share
 
 

@@ -98,7 +98,8 @@ def preact_resnet(depth, classes=10, style=Style()):
     """He et al. 2016's pre-activation ResNet-164/1001 (depth 9n+2)."""
     inputs, x = common.image_input()
     x = style.conv(STEM_FILTERS, 3, name="stem_conv")(x)
-    x = stack(x, stages(2, (depth - 2) // VERSIONS[2][0], "paper"), partial(residual_unit, unit=PAPER_UNIT, style=style))
+    x = stack(x, stages(2, (depth - 2) // VERSIONS[2][0], "paper"),
+              partial(residual_unit, unit=PAPER_UNIT, style=style))
     return model_from(inputs, bn_relu_gap_head(x, classes, style), f"resnet{depth}_v2_paper")
 
 

@@ -237,7 +237,7 @@ def fit(model, args, data, paths, config, learning_rate_at, cluster=Cluster(), b
             train = batches(x_train[order], y_train[order], batch)
             logs = run_epoch(model, train, test, epoch, args.epochs, verbose, beat)
             if not all(math.isfinite(logs.get(key, math.nan)) for key in ("loss", "val_loss")):
-                last_good = paths["state"] if history else "none yet"
+                last_good = resume_from if history else "none yet"  # the chief's, in a cluster
                 raise TrainingError(f"the loss became {logs.get('loss')} in epoch {epoch + 1}; the last good "
                                     f"checkpoint is {last_good} (epoch {len(history)}): lower --lr-schedule "
                                     "and rerun, or --resume from it")
