@@ -4,13 +4,12 @@ Steady-state training throughput (images/s after compilation), step time and com
 script's model, through the same compiled Keras training step the scripts use (uint8 batches,
 normalization and augmentation inside the step), on the current backend (KERAS_BACKEND):
 
-    python bench.py train_resnet32.py                                      # ResNet-32, batch 128, float32
-    python bench.py train_resnet_v2.py --depth 110 --batch-size 128 512 --precision float32 mixed_bfloat16
-    KERAS_BACKEND=jax python bench.py train_resnet_bottleneck.py --depth 50 --steps 100
-    python bench.py train_resnext.py --cardinality 8 --width 4 --variants "--impl grouped" "--impl split"
-    python bench.py train_resnet32.py --batch-norm auto keras   # fused (TensorFlow CPU) vs Keras's BatchNorm
-
-    python bench.py train_resnet32.py --loop keras ours --steps-per-execution 1 4   # before/after issue 18
+    python bench.py model train_resnet32.py                                # ResNet-32, batch 128, float32
+    python bench.py model train_resnet_v2.py --depth 110 --batch-size 128 512 --precision float32 mixed_bfloat16
+    KERAS_BACKEND=jax python bench.py model train_resnet_bottleneck.py --depth 50 --steps 100
+    python bench.py model train_resnext.py --cardinality 8 --width 4 --variants "--impl grouped" "--impl split"
+    python bench.py model train_resnet32.py --batch-norm auto keras   # fused (TensorFlow CPU) vs Keras's BatchNorm
+    python bench.py model train_resnet32.py --loop keras ours --steps-per-execution 1 4   # plain fit() vs ours
 
 Every combination of the list-valued options is measured in one run, so compare them as ratios.
 Prints a table and one machine-readable line per configuration:
@@ -19,22 +18,23 @@ Prints a table and one machine-readable line per configuration:
 (loop=ours is the scripts' fit loop, training.run_epoch; loop=keras plain Keras fit() with TerminateOnNaN.)
 
 The framework's own time per training step, with a model so small that compute is negligible, through the
-same compiled step (common.compile_model) and fit loop the scripts use, on the current backend:
+same compiled step (recipe.compile_model) and fit loop the scripts use, on the current backend:
 
-    python bench.py --overhead [--steps-per-execution 1 4 16] [--batch-size 8]
+    python bench.py overhead [--steps-per-execution 1 4 16] [--batch-size 8]
     OVERHEAD backend=... device=... cpu=... loop=keras|ours spe=N batch=... us_per_step=...
 
 Our whole training path against the seed article's Keras 2 recipe, side by side on the same data:
 
-    python bench.py --versus-seed DATA_DIR [--train-images 10000] [--rounds 3] [--ours "--precision float32"]
+    python bench.py versus-seed DATA_DIR --seed-script PATH [--train-images 10000] [--rounds 3] [--ours "..."]
 
-runs ../shared/bench/seed_recipe.py (needs tf-keras and scipy) and train_resnet32.py --epochs 1 in turn,
+runs the seed recipe script at PATH (the article's Keras 2 code; needs tf-keras and scipy: docs/fidelity.md)
+and train_resnet32.py --epochs 1 in turn,
 each on the first N training images with the test set evaluated once, and prints both images/s (whole
 fit, evaluation included) and their ratio (the median of the rounds' ratios: each round's two runs are
 neighbours in time, which is what survives a noisy machine).
 """
-import argparse
 import contextlib
+import dataclasses
 import importlib
 import io
 import itertools
@@ -49,18 +49,19 @@ import time
 
 import numpy as np
 
-import common
-from batch_norm import with_batch_normalization
+import cli
+import recipe
 from cifar_data import DATASETS, IMAGE_SHAPE, find_local_data
-from devices import PRECISIONS, accelerators, configure_backend, cpu_model, resolve_steps_per_execution
+from devices import (PRECISIONS, accelerators, configure_backend, cpu_model, resolve_precision,
+                     resolve_steps_per_execution)
 from errors import UsageError
-from training import batches, run_epoch
+from training import run_epoch
+from workarounds import batches, with_batch_normalization
 
 LOOPS = ("ours", "keras")
 OVERHEAD_BATCH = 8  # bench.py --overhead: a batch whose copying is negligible next to the framework's work
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SEED_RECIPE = os.path.join(HERE, "..", "shared", "bench", "seed_recipe.py")
 
 
 def device_label():
@@ -89,24 +90,24 @@ def timed_fit_function(model, x, y, batch_size, loop):
     return timed_fit
 
 
-def prepare(build, family_args, batch_size, precision, jit_compile, batch_norm, loop, spe, steps, warmup):
+def prepare(build, family_config, batch_size, precision, jit_compile, batch_norm, loop, spe, steps, warmup):
     """Builds and compiles one configuration and runs its first `warmup` steps (tracing and compilation).
     Returns (its description, seconds of that first fit, a function timing a fit of n steps)."""
     import keras
-    precision = configure_backend(precision)
-    family_args.batch_size, family_args.precision = batch_size, precision
-    family_args.steps_per_execution = resolve_steps_per_execution(spe)
-    model = build(family_args, DATASETS[family_args.dataset].classes)
+    backend = configure_backend(precision)
+    config = dataclasses.replace(family_config, batch_size=batch_size, precision=resolve_precision(precision, backend),
+                                 steps_per_execution=resolve_steps_per_execution(spe, backend))
+    model = build(config, DATASETS[config.dataset].classes)
     if batch_norm == "keras":  # Keras's own BatchNormalization instead of the fused one used on TensorFlow's CPU
         model = with_batch_normalization(model, keras.layers.BatchNormalization)
     norms = {type(l).__name__ for l in model.layers if isinstance(l, keras.layers.BatchNormalization)}
-    common.compile_model(model, family_args, steps_per_epoch=steps, jit_compile=jit_compile)
+    recipe.compile_model(model, config.lr_schedule, steps, config.steps_per_execution, jit_compile)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(max(steps, warmup) * batch_size, *IMAGE_SHAPE), dtype=np.uint8)
-    y = rng.integers(0, DATASETS[family_args.dataset].classes, size=len(x)).astype(np.int32)
+    y = rng.integers(0, DATASETS[config.dataset].classes, size=len(x)).astype(np.int32)
     timed_fit = timed_fit_function(model, x, y, batch_size, loop)
-    description = {"model": model.name, "params": model.count_params(), "precision": precision,
-                   "bn": ",".join(sorted(norms)) or "none", "loop": loop, "spe": family_args.steps_per_execution}
+    description = {"model": model.name, "params": model.count_params(), "precision": config.precision,
+                   "bn": ",".join(sorted(norms)) or "none", "loop": loop, "spe": config.steps_per_execution}
     return description, timed_fit(warmup), timed_fit
 
 
@@ -126,10 +127,10 @@ def machine_fields():
 
 
 def bench_models(argv):
-    parser = argparse.ArgumentParser(description="throughput of a family script's model",
-                                     usage="bench.py SCRIPT [family flags] [options]")
+    parser = cli.Parser(description="throughput of a family script's model",
+                        usage="bench.py model SCRIPT [family flags] [options]")
     parser.add_argument("script", help="a family script, e.g. train_resnet32.py")
-    parser.add_argument("--batch-size", type=common.positive_int, nargs="+", default=[common.BATCH_SIZE])
+    parser.add_argument("--batch-size", type=cli.positive_int, nargs="+", default=[recipe.BATCH_SIZE])
     parser.add_argument("--precision", choices=PRECISIONS, nargs="+", default=["float32"],
                         help="the scripts' default is float32; auto is their bfloat16-where-faster choice")
     parser.add_argument("--jit-compile", choices=("auto", "true", "false"), nargs="+", default=["auto"],
@@ -138,28 +139,28 @@ def bench_models(argv):
                         help="'auto': the class the scripts use (fused on TensorFlow's CPU); 'keras': Keras's own")
     parser.add_argument("--loop", choices=LOOPS, nargs="+", default=["ours"],
                         help="ours: the scripts' fit loop; keras: plain fit() with TerminateOnNaN (the old loop)")
-    parser.add_argument("--steps-per-execution", type=common.steps_per_execution, nargs="+", default=["auto"])
+    parser.add_argument("--steps-per-execution", type=cli.steps_per_execution, nargs="+", default=["auto"])
     parser.add_argument("--variants", nargs="+", default=[""], metavar="FLAGS",
                         help='family flags, each a configuration, e.g. "--impl grouped" "--impl split"')
-    parser.add_argument("--steps", type=common.positive_int, default=30, help="timed steps per repeat")
-    parser.add_argument("--warmup", type=common.positive_int, default=3, help="steps run with compilation")
-    parser.add_argument("--repeats", type=common.positive_int, default=3, help="median of this many timings")
+    parser.add_argument("--steps", type=cli.positive_int, default=30, help="timed steps per repeat")
+    parser.add_argument("--warmup", type=cli.positive_int, default=3, help="steps run with compilation")
+    parser.add_argument("--repeats", type=cli.positive_int, default=3, help="median of this many timings")
     args, family_argv = parser.parse_known_args(argv)
     name = os.path.splitext(os.path.basename(args.script))[0]
     if not os.path.isfile(os.path.join(HERE, f"{name}.py")) or not name.startswith("train_"):
         raise UsageError(f"no family script {args.script!r} (e.g. train_resnet32.py)")
     module = importlib.import_module(name)
-    variants = [common.parse_args(module.add_arguments, family_argv + shlex.split(v), getattr(module, "check", None))
-                for v in args.variants]
+    variants = [cli.parse(family_argv + shlex.split(v), module.add_arguments, getattr(module, "resolve", None),
+                          module.run_name) for v in args.variants]
 
     configure_backend()
     machine = machine_fields()
     configs = list(itertools.product(variants, args.batch_size, args.precision, args.jit_compile, args.batch_norm,
                                      args.loop, args.steps_per_execution))
-    prepared = [prepare(module.build_model, family_args, batch, precision,
+    prepared = [prepare(module.build_model, family_config, batch, precision,
                         {"auto": "auto", "true": True, "false": False}[jit], batch_norm, loop, spe, args.steps,
                         args.warmup)
-                for family_args, batch, precision, jit, batch_norm, loop, spe in configs]
+                for family_config, batch, precision, jit, batch_norm, loop, spe in configs]
     rows = []
     for (_, batch, _, jit, *_), (description, first, _), seconds in zip(
             configs, prepared, round_robin(prepared, args.steps, args.repeats)):
@@ -191,24 +192,24 @@ def tiny_model(args, classes):
 
 
 def overhead(argv):
-    parser = argparse.ArgumentParser(description="the framework's time per training step, compute aside")
-    parser.add_argument("--overhead", action="store_true", required=True)
-    parser.add_argument("--steps-per-execution", type=common.positive_int, nargs="+", default=[1, 4, 16],
+    parser = cli.Parser(description="the framework's time per training step, compute aside",
+                        usage="bench.py overhead [options]")
+    parser.add_argument("--steps-per-execution", type=cli.positive_int, nargs="+", default=[1, 4, 16],
                         help="configurations of our loop (plain Keras is measured at 1, as the scripts ran it)")
-    parser.add_argument("--batch-size", type=common.positive_int, default=OVERHEAD_BATCH,
+    parser.add_argument("--batch-size", type=cli.positive_int, default=OVERHEAD_BATCH,
                         help="images per step; small, so that moving them is negligible too (on a CPU, copying "
                              "a 128-image uint8 batch costs about as much as the framework's own work)")
-    parser.add_argument("--steps", type=common.positive_int, default=390,
+    parser.add_argument("--steps", type=cli.positive_int, default=390,
                         help="steps per timed fit(); 390 = one CIFAR-10 epoch at batch 128, so fit()'s own "
                              "per-epoch cost is shared out as in a real run")
-    parser.add_argument("--warmup", type=common.positive_int, default=8)
-    parser.add_argument("--repeats", type=common.positive_int, default=3)
+    parser.add_argument("--warmup", type=cli.positive_int, default=8)
+    parser.add_argument("--repeats", type=cli.positive_int, default=3)
     args = parser.parse_args(argv)
     import train_resnet32
     configs = [("keras", 1)] + [("ours", spe) for spe in args.steps_per_execution]
     configure_backend()
     machine = machine_fields()
-    prepared = [prepare(tiny_model, common.parse_args(train_resnet32.add_arguments, []), args.batch_size, "float32",
+    prepared = [prepare(tiny_model, cli.parse([], train_resnet32.add_arguments), args.batch_size, "float32",
                         "auto", "auto", loop, spe, args.steps, args.warmup) for loop, spe in configs]
     us = [1e6 * seconds / args.steps for seconds in round_robin(prepared, args.steps, args.repeats)]
     for (loop, spe), value in zip(configs, us):
@@ -216,28 +217,30 @@ def overhead(argv):
                                                "cpu": machine["cpu"], "loop": loop, "spe": spe,
                                                "batch": args.batch_size, "us_per_step": f"{value:.0f}"}.items()),
               flush=True)
-    default = resolve_steps_per_execution("auto")
+    default = resolve_steps_per_execution("auto", machine["backend"])
     for i, (loop, spe) in list(enumerate(configs))[1:]:
         print(f"ours at spe={spe}{' (the default)' if spe == default else ''}: plain Keras fit with "
               f"TerminateOnNaN takes {us[0] / us[i]:.2f}x its microseconds per step")
 
 
 def versus_seed(argv):
-    parser = argparse.ArgumentParser(description="train_resnet32.py against the seed recipe")
-    parser.add_argument("--versus-seed", metavar="DATA_DIR", required=True)
-    parser.add_argument("--train-images", type=common.positive_int, default=10000)
-    parser.add_argument("--rounds", type=common.positive_int, default=1, help="alternate runs; medians reported")
-    parser.add_argument("--seed-script", default=SEED_RECIPE)
+    parser = cli.Parser(description="train_resnet32.py against the seed recipe",
+                        usage="bench.py versus-seed DATA_DIR --seed-script PATH [options]")
+    parser.add_argument("data_dir", metavar="DATA_DIR")
+    parser.add_argument("--train-images", type=cli.positive_int, default=10000)
+    parser.add_argument("--rounds", type=cli.positive_int, default=1, help="alternate runs; medians reported")
+    parser.add_argument("--seed-script", required=True, metavar="PATH",
+                        help="the seed article's Keras 2 recipe as a script (docs/fidelity.md says what it runs)")
     parser.add_argument("--ours", default="", metavar="FLAGS", help='more train_resnet32.py flags, e.g. '
                         '"--precision float32"')
     args = parser.parse_args(argv)
-    find_local_data(args.versus_seed, "cifar10")
+    find_local_data(args.data_dir, "cifar10")
     if not os.path.isfile(args.seed_script):
         raise UsageError(f"seed recipe not found at {args.seed_script} (give --seed-script)")
     ours, seed = [], []
     with tempfile.TemporaryDirectory() as out:
         for _ in range(args.rounds):
-            seed_run = subprocess.run([sys.executable, args.seed_script, args.versus_seed,
+            seed_run = subprocess.run([sys.executable, args.seed_script, args.data_dir,
                                        "--train-images", str(args.train_images)], capture_output=True, text=True)
             found = re.search(r"SEED_RECIPE images_per_s=([\d.]+).*test_acc=([\d.]+)", seed_run.stdout)
             if not found:
@@ -245,7 +248,7 @@ def versus_seed(argv):
             seed.append(float(found.group(1)))
             print(found.group(0), flush=True)
             our_run = subprocess.run([sys.executable, os.path.join(HERE, "train_resnet32.py"), "--data-dir",
-                                      args.versus_seed, "--train-limit", str(args.train_images), "--epochs", "1",
+                                      args.data_dir, "--train-limit", str(args.train_images), "--epochs", "1",
                                       *shlex.split(args.ours),
                                       "--log-dir", out, "--checkpoint-dir", out], capture_output=True, text=True)
             line = our_run.stdout.strip().splitlines()[-1] if our_run.stdout.strip() else ""
@@ -261,14 +264,15 @@ def versus_seed(argv):
           f"ratio={statistics.median(ratios):.2f} round_ratios={','.join(f'{r:.2f}' for r in ratios)}")
 
 
-def main():
+MODES = {"model": bench_models, "overhead": overhead, "versus-seed": versus_seed}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        if any(a.startswith("--versus-seed") for a in sys.argv[1:]):
-            versus_seed(sys.argv[1:])
-        elif "--overhead" in sys.argv[1:]:
-            overhead(sys.argv[1:])
-        else:
-            bench_models(sys.argv[1:])
+        if not argv or argv[0] not in MODES:
+            raise UsageError(f"give a mode first: {', '.join(MODES)} (e.g. bench.py model train_resnet32.py)")
+        MODES[argv[0]](argv[1:])
     except UsageError as error:
         print(f"bench.py: error: {error}", file=sys.stderr)
         sys.exit(2)

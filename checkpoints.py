@@ -17,9 +17,9 @@ import json
 import os
 import zipfile
 
-from batch_norm import with_batch_normalization
 from errors import UsageError
 from outputs import atomic_write
+from workarounds import with_batch_normalization
 
 
 # What must match for --resume to continue a run's saved state.

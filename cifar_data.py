@@ -119,23 +119,23 @@ def load_local(source, dataset, files):
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def load_data(args, train=True):
+def load_data(config, train=True):
     """((x_train, y_train), (x_test, y_test)): uint8 NHWC images and int32 labels. Without --data-dir,
     downloads through keras.datasets. With train=False the training part is (None, None)."""
-    spec = DATASETS[args.dataset]
-    if args.data_dir:
-        source = find_local_data(args.data_dir, args.dataset)
-        test = load_local(source, args.dataset, spec.test_files)
-        trainset = load_local(source, args.dataset, spec.train_files) if train else (None, None)
+    spec = DATASETS[config.dataset]
+    if config.data_dir:
+        source = find_local_data(config.data_dir, config.dataset)
+        test = load_local(source, config.dataset, spec.test_files)
+        trainset = load_local(source, config.dataset, spec.train_files) if train else (None, None)
     else:
         import keras
-        loader = keras.datasets.cifar10 if args.dataset == "cifar10" else keras.datasets.cifar100
+        loader = keras.datasets.cifar10 if config.dataset == "cifar10" else keras.datasets.cifar100
         try:
             (xa, ya), (xb, yb) = loader.load_data()
         except Exception as error:
             raise UsageError(f"could not download {spec.title} through keras.datasets ({error}); "
                              "fix: pass --data-dir with a local copy") from None
         trainset, test = (xa, ya.reshape(-1).astype(np.int32)), (xb, yb.reshape(-1).astype(np.int32))
-    if train and args.train_limit:
-        trainset = (trainset[0][:args.train_limit], trainset[1][:args.train_limit])
+    if train and config.train_limit:
+        trainset = (trainset[0][:config.train_limit], trainset[1][:config.train_limit])
     return trainset, test

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-import common
+import cli
 from errors import UsageError
 from outputs import atomic_write
 
@@ -87,11 +87,11 @@ def figure(runs, out, zoom):
 
 
 def main(argv=None):
-    parser = common.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN")
     parser.add_argument("--out", required=True, metavar="FIG.png", help="where to write the figure")
     parser.add_argument("--log-dir", default="logs")
-    parser.add_argument("--zoom", type=common.positive_int, default=40, help="epochs in the zoomed panel")
+    parser.add_argument("--zoom", type=cli.positive_int, default=40, help="epochs in the zoomed panel")
     try:
         args = parser.parse_args(argv)
         out_dir = os.path.dirname(os.path.abspath(args.out))

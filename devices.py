@@ -1,19 +1,47 @@
-"""Where a run trains and how: the backend's session setup, --precision, --steps-per-execution, CPU devices,
-and the lines that open every run saying so.
+"""Where a run trains and how: which backend, --precision and --steps-per-execution resolved (before any
+framework starts), the backend's session set-up with a quiet start, and the lines that open every run.
 
-Run from common.main and bench.py only, after every flag and path has been checked: importing Keras
-starts the framework, which prints its own start-up lines.
+Only configure_backend, accelerators and where_it_trains import a framework; they run after every flag and
+path has been checked.
 """
+import glob
+import json
 import os
+import re
 import sys
+import tempfile
 
 from errors import UsageError
+from workarounds import RECURSION_LIMIT, steps_per_execution_limit
 
+BACKENDS = ("tensorflow", "jax", "torch")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # "auto" or a Keras dtype policy
-# Keras builds, saves and loads a functional model by walking its layer graph recursively, a few Python frames
-# per layer: ResNet-1001's 3,000+ layers need about 10,000. Python's default limit is 1,000, and importing
-# TensorFlow sets it to 3,000, so configure_backend sets it after the framework is imported.
-RECURSION_LIMIT = 20_000
+# --steps-per-execution auto: Keras compile(steps_per_execution=) where the backend allows more than one
+# (workarounds.steps_per_execution_limit). Measured (docs/performance.md): ResNet-20, batch 128, 16 vs 1 step:
+# H100 + JAX 26,099 vs 22,435 images/s; 2-core EPYC + TensorFlow 1,204 vs 1,178. Framework time per step
+# (bench.py overhead, batch 8, us at 1 / 4 / 16 / 64): EPYC + TensorFlow 508 / 251 / 160 / 138, EPYC + JAX
+# 107 / 37 / 22 / 14; batch 128: H100 + JAX 1,360 / 819 / 691 / 599.
+STEPS_PER_EXECUTION = 16
+
+
+def backend_name():
+    """The backend Keras will start, read the way Keras reads it (KERAS_BACKEND, else keras.json under
+    KERAS_HOME or ~/.keras, else tensorflow), without importing it."""
+    name = os.environ.get("KERAS_BACKEND")
+    if not name:
+        home = os.environ.get("KERAS_HOME")
+        if not home:
+            base = os.path.expanduser("~")
+            home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+        try:
+            with open(os.path.join(home, "keras.json")) as f:
+                name = json.load(f).get("backend")
+        except (OSError, ValueError, AttributeError):
+            name = None
+    name = name or "tensorflow"
+    if name not in BACKENDS:
+        raise UsageError(f"KERAS_BACKEND={name!r} is not one of {', '.join(BACKENDS)} (set KERAS_BACKEND)")
+    return name
 
 
 def cpu_model():
@@ -35,27 +63,84 @@ def cpu_has_bfloat16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision):
-    """The default is float32, as the papers trained. --precision auto chooses by measurement (bench.py,
-    README "Performance"): TensorFlow on a CPU with bfloat16 instructions trains ResNet-32 about 1.44x faster
-    in mixed_bfloat16, at a small accuracy cost (paired short real-data runs ended 0.66 points under float32
-    after 6 epochs, 0.37 after 15: results/README.md); everywhere else (GPUs already use TF32 tensor cores
-    for float32; XLA's CPU bf16 was not measured faster) float32."""
+def nvidia_gpu_present():
+    """An NVIDIA device file the process may use (CUDA_VISIBLE_DEVICES not emptied), without starting CUDA."""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) and os.environ.get("CUDA_VISIBLE_DEVICES") not in ("", "-1")
+
+
+def resolve_precision(precision, backend):
+    """The default is float32, as the papers trained. --precision auto chooses by measurement
+    (docs/performance.md): TensorFlow on a CPU with bfloat16 instructions and no GPU trains ResNet-32 about
+    1.44x faster in mixed_bfloat16, at a small accuracy cost (paired short real-data runs ended 0.66 points
+    under float32 after 6 epochs, 0.37 after 15: docs/fidelity.md); everywhere else float32."""
     if precision != "auto":
         return precision
-    import keras
-    backend = keras.backend.backend()
-    if backend == "tensorflow" and cpu_has_bfloat16():
-        import tensorflow as tf
-        if not tf.config.list_physical_devices("GPU"):
-            return "mixed_bfloat16"
+    if backend == "tensorflow" and cpu_has_bfloat16() and not nvidia_gpu_present():
+        return "mixed_bfloat16"
     return "float32"
 
 
+def resolve_steps_per_execution(value, backend, distribute=False):
+    """--steps-per-execution: "auto" is STEPS_PER_EXECUTION where the backend allows it, else its limit;
+    an explicit value the backend cannot run is a UsageError, before anything is loaded or written."""
+    limit, why = steps_per_execution_limit(backend, distribute)
+    if value == "auto":
+        return STEPS_PER_EXECUTION if limit is None else min(STEPS_PER_EXECUTION, limit)
+    if limit is not None and value > limit:
+        raise UsageError(f"--steps-per-execution {value} cannot run here: {why}; use --steps-per-execution "
+                         f"{limit} or auto")
+    return value
+
+
+# Start-up lines TensorFlow writes straight to file descriptor 2 that say nothing about this run, each matched
+# in full: the CUDA probe on a machine without a GPU, absl's notice, oneDNN's and the CPU-feature notices.
+# Everything else it prints (a real error among them) goes through to stderr unchanged.
+STARTUP_NOISE = re.compile("|".join([
+    r".*failed call to cuInit.*",
+    r".*Could not find cuda drivers on your machine.*",
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR",
+    r".*oneDNN custom operations are on.*",
+    r".*This TensorFlow binary is optimized to use available CPU instructions.*",
+    r".*To enable the following instructions:.*rebuild TensorFlow with the appropriate compiler flags\.",
+    r".*Unable to register cu(DNN|FFT|BLAS) factory.*",
+    r".*computation placer already registered.*",
+    r".*TF-TRT Warning: Could not find TensorRT.*",
+]))
+
+
+def quiet_start(start):
+    """Runs start() (the framework's import and device discovery) with file descriptor 2 captured, then writes
+    back to stderr every captured line that is not STARTUP_NOISE. Returns what start() returns."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            return start()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if line.strip() and not STARTUP_NOISE.fullmatch(line.strip()):
+                    print(line, file=sys.stderr)
+
+
+def _start_framework(cpu_devices):
+    import keras
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        cpus = tf.config.list_physical_devices("CPU")
+        if cpu_devices:
+            tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
+        tf.config.list_physical_devices("GPU")  # the CUDA probe, inside the quiet window
+    return keras
+
+
 def configure_backend(precision="float32", cpu_devices=None, collective_timeout=900):
-    """Session setup, run from main and bench only: quieter TensorFlow start-up, the dtype policy and,
-    for --cpu-devices, the host CPU split into several devices (before the framework starts).
-    Returns the precision in force ("auto" resolved)."""
+    """Session set-up, run from main and bench only: the framework started quietly (quiet_start), the dtype
+    policy (a resolved precision, not "auto") and, for --cpu-devices, the host CPU split into several devices."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import logging
     logging.getLogger("absl").setLevel(logging.ERROR)  # .h5 is our chosen format: no "legacy" warning
@@ -66,25 +151,10 @@ def configure_backend(precision="float32", cpu_devices=None, collective_timeout=
                                    + f" --xla_force_host_platform_device_count={cpu_devices}"
                                    + f" --xla_cpu_collective_call_terminate_timeout_seconds={collective_timeout:.0f}"
                                    ).strip()
-    import keras
-    if cpu_devices and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
-    precision = resolve_precision(precision)
-    keras.mixed_precision.set_global_policy(precision)
+    keras = quiet_start(lambda: _start_framework(cpu_devices))
+    keras.mixed_precision.set_global_policy(resolve_precision(precision, keras.backend.backend()))
     sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
-    return precision
-
-
-# --steps-per-execution auto: Keras compile(steps_per_execution=), chosen per device type by measurement
-# (README "Performance"; results/performance_gpu.md). ResNet-20, batch 128, bench.py --loop keras ours
-# --steps-per-execution 1 4 16 (16 vs 1): H100 + JAX 26,099 vs 22,435 images/s; 2-core EPYC + TensorFlow
-# 1,204 vs 1,178 (compute-bound: no loss, less host work). bench.py --overhead (us per step, 1 / 4 / 16 / 64),
-# batch 128: H100 + JAX 1,360 / 819 / 691 / 599; EPYC + TensorFlow 689 / 423 / 354 / 276; EPYC + JAX
-# 94 / 74 / 61 / 56; batch 8 (the default now): EPYC + TensorFlow 508 / 251 / 160 / 138, EPYC + JAX
-# 107 / 37 / 22 / 14 (results/performance_cpu.md).
-STEPS_PER_EXECUTION = {"cpu": 16, "gpu": 16}
+    return keras.backend.backend()
 
 
 def accelerators():
@@ -100,23 +170,6 @@ def accelerators():
     import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
     return [f"gpu:{tf.config.experimental.get_device_details(g).get('device_name', 'GPU')}" for g in gpus]
-
-
-def device_type():
-    return "gpu" if accelerators() else "cpu"
-
-
-def resolve_steps_per_execution(value, distribute=False):
-    """--steps-per-execution: "auto" is the measured best for the device type. Inside TensorFlow's
-    MirroredStrategy, Keras 3.15's multi-step loop fails ("Detected at node while/cond/Placeholder"), so
-    --distribute on TensorFlow runs one step per execution."""
-    import keras
-    if distribute and keras.backend.backend() == "tensorflow":
-        if value not in ("auto", 1):
-            raise UsageError(f"--steps-per-execution {value} does not work with --distribute on TensorFlow "
-                             "(Keras's multi-step loop fails inside MirroredStrategy); use 1, or KERAS_BACKEND=jax")
-        return 1
-    return STEPS_PER_EXECUTION[device_type()] if value == "auto" else value
 
 
 GPU_HINT = ('no GPU visible: training on the CPU. For a GPU install the backend\'s CUDA build: '
@@ -136,19 +189,3 @@ def where_it_trains(model, devices, process="one process"):
     if not found:
         lines.append(GPU_HINT)
     return lines
-
-
-def resolve_jit_compile(model, jit_compile="auto"):
-    """XLA for the training step. Keras's RandomTranslation declares supports_jit=False, for TensorFlow's sake
-    (XLA has no kernel for its ImageProjectiveTransformV3: "tf2xla conversion failed"), and Keras's own
-    jit_compile="auto" then turns XLA off for the whole model on every backend: JAX ran the step op by op.
-    JAX's translation (map_coordinates) compiles, so "auto" means XLA on JAX (ResNet-20 on this CPU: 384 vs
-    218 images/s, same loss to float rounding) and no XLA on TensorFlow and PyTorch (Keras's choice there)."""
-    import keras
-    if keras.backend.backend() != "jax":
-        return False if jit_compile == "auto" else jit_compile
-    if jit_compile is not False:
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.RandomTranslation):
-                layer.supports_jit = True  # an attribute of this instance only, never saved
-    return True if jit_compile == "auto" else jit_compile

@@ -15,7 +15,6 @@ seconds with one line naming what it waited for (exit code 1), instead of a sile
 The flag and TF_CONFIG checks here import no framework, so bad input is reported at once.
 """
 import contextlib
-import functools
 import json
 import os
 import socket
@@ -114,26 +113,26 @@ def wait_for_peers(cluster, timeout):
                             "every worker of TF_CONFIG with the same command, or raise --wait-timeout)")
 
 
-def check(args):
+def check(config):
     """The scale-out flags, before any framework starts: the three JAX flags together, a port, the process
     index in range, TF_CONFIG readable. Returns this process's Cluster."""
-    given = [flag for flag, value in (("--coordinator", args.coordinator), ("--num-processes", args.num_processes),
-                                      ("--process-id", args.process_id)) if value is not None]
+    given = [flag for flag, value in (("--coordinator", config.coordinator), ("--num-processes", config.num_processes),
+                                      ("--process-id", config.process_id)) if value is not None]
     if given and len(given) < 3:
         raise UsageError(f"{', '.join(given)} given without the others: multi-process JAX needs all of "
                          "--coordinator HOST:PORT --num-processes N --process-id I")
     if given:
-        host, _, port = args.coordinator.rpartition(":")
+        host, _, port = config.coordinator.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise UsageError(f"--coordinator {args.coordinator!r} needs a host and a port, e.g. 10.0.0.1:1234")
-        if not 0 <= args.process_id < args.num_processes:
-            raise UsageError(f"--process-id {args.process_id} is out of range: 0 to {args.num_processes - 1} "
-                             f"for --num-processes {args.num_processes}")
-        if not args.distribute:
+            raise UsageError(f"--coordinator {config.coordinator!r} needs a host and a port, e.g. 10.0.0.1:1234")
+        if not 0 <= config.process_id < config.num_processes:
+            raise UsageError(f"--process-id {config.process_id} is out of range: 0 to {config.num_processes - 1} "
+                             f"for --num-processes {config.num_processes}")
+        if not config.distribute:
             raise UsageError("--coordinator and the process flags need --distribute")
-        return Cluster(args.num_processes, args.process_id, args.process_id == 0,
-                       f"JAX process {args.process_id} of {args.num_processes}")
-    cluster = tf_config_cluster() if args.distribute else None
+        return Cluster(config.num_processes, config.process_id, config.process_id == 0,
+                       f"JAX process {config.process_id} of {config.num_processes}")
+    cluster = tf_config_cluster() if config.distribute else None
     return cluster or Cluster()
 
 
@@ -183,30 +182,30 @@ def gather_processes(coordinator, processes, index, timeout):
                         "--wait-timeout)")
 
 
-def start_processes(args):
+def start_processes(config):
     """jax.distributed.initialize for --coordinator, before Keras touches a device, after a bounded
     rendezvous of all the processes (gather_processes)."""
-    if args.coordinator is None:
+    if config.coordinator is None:
         return
-    gather_processes(args.coordinator, args.num_processes, args.process_id, args.wait_timeout)
+    gather_processes(config.coordinator, config.num_processes, config.process_id, config.wait_timeout)
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # collectives across CPU processes
     try:
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id, initialization_timeout=int(args.wait_timeout))
+        jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
+                                   process_id=config.process_id, initialization_timeout=int(config.wait_timeout))
     except Exception as error:
-        raise TrainingError(f"process {args.process_id} could not join the {args.num_processes} processes at "
-                            f"--coordinator {args.coordinator} within {args.wait_timeout:g} s: "
+        raise TrainingError(f"process {config.process_id} could not join the {config.num_processes} processes at "
+                            f"--coordinator {config.coordinator} within {config.wait_timeout:g} s: "
                             f"{str(error).splitlines()[0]}") from None
 
 
-def distribution(args, cluster):
+def distribution(config, cluster):
     """(scope to build and train in, number of replicas) for --distribute; the framework's own engine.
     BatchNorm: on JAX the step is one program over the sharded global batch, so XLA all-reduces the batch
     statistics (synchronized BN); on TensorFlow the layers are switched to synchronized=True."""
     import keras
     backend = keras.backend.backend()
-    if not args.distribute:
+    if not config.distribute:
         return contextlib.nullcontext(), 1
     if backend == "jax":
         devices = keras.distribution.list_devices()
@@ -217,8 +216,8 @@ def distribution(args, cluster):
     if backend == "tensorflow":
         import tensorflow as tf
         if cluster.processes > 1:
-            wait_for_peers(cluster, args.wait_timeout)
-            options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=args.wait_timeout)
+            wait_for_peers(cluster, config.wait_timeout)
+            options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=config.wait_timeout)
             strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         else:
             devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
@@ -226,33 +225,6 @@ def distribution(args, cluster):
         return strategy.scope(), strategy.num_replicas_in_sync
     raise UsageError(f"--distribute is not supported on the {backend} backend "
                      "(use KERAS_BACKEND=jax or tensorflow, or train without --distribute)")
-
-
-def prepare_multi_worker_fit(model, batch_size, cluster):
-    """Works around two bugs of Keras 3.15 with MultiWorkerMirroredStrategy (keras-team/keras#20585):
-    - TensorFlow's fit() first reduces the first (images, labels) batch across replicas with
-      strategy.reduce("MEAN") to build the compile state (trainer._maybe_symbolic_build), which
-      MultiWorkerMirroredStrategy cannot do across workers ("Attempt to convert a value (PerReplica...)"):
-      we build that state (metrics, loss, optimizer variables) once in the strategy's scope from the batch's
-      shapes, and skip that step;
-    - every step's logs are reduced across workers with strategy.reduce("MEAN", axis=0), which fails on
-      scalars ("Invalid reduction dimension 0"): each replica's step returns its logs as 1-element vectors,
-      whose mean over axis 0 is the scalar Keras expects. (The epoch's figures, which the history records,
-      come from the metrics themselves, read across all replicas of all workers.)"""
-    import keras
-    if cluster.processes == 1 or keras.backend.backend() != "tensorflow":
-        return
-    from cifar_data import IMAGE_SHAPE
-    model._symbolic_build(data_batch=(keras.KerasTensor((batch_size, *IMAGE_SHAPE), "uint8"),
-                                      keras.KerasTensor((batch_size,), "int32")))
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
-    for name in ("train_step", "test_step"):
-        setattr(model, name, functools.partial(_logs_as_vectors, getattr(model, name)))
-
-
-def _logs_as_vectors(step, data):
-    import tensorflow as tf
-    return tf.nest.map_structure(lambda value: tf.reshape(value, [1]), step(data))
 
 
 def process_share(order, batch_size, cluster, backend):

@@ -12,7 +12,7 @@ unit is conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1-BN-ReLU, then the addition (ReLU
 
 The seed article's ResNet-152 code puts 4 units, not 8, in the second stage (57,246,858 parameters):
 that network is not ResNet-152; this is. No CIFAR accuracy was published for these ImageNet-shaped
-networks; expect the low 90s % on CIFAR-10 with the 200-epoch recipe (measure, see results/).
+networks, and none has been measured here yet.
 Trains in float32 by default, as the papers did; `--precision auto` picks bfloat16 where it was measured
 faster (1.44x on a CPU with bfloat16 instructions, a few tenths of a point lower in short runs:
 results/README.md).
@@ -20,6 +20,7 @@ results/README.md).
 from functools import partial
 
 import common
+import recipe
 from units import Style, Unit, bn_relu_gap_head, model_from, residual_unit, stack
 
 STEM_FILTERS = 64
@@ -35,7 +36,7 @@ def stages(depth):
 
 
 def bottleneck_resnet(depth, classes=10, style=Style()):
-    inputs, x = common.image_input()
+    inputs, x = recipe.image_input()
     x = style.conv(STEM_FILTERS, 3, name="stem_conv")(x)
     x = stack(x, stages(depth), partial(residual_unit, unit=BOTTLENECK, style=style))
     outputs = bn_relu_gap_head(x, classes, style)
@@ -47,12 +48,12 @@ def add_arguments(parser):
                         help="units per stage: 50 = [3, 4, 6, 3], 101 = [3, 4, 23, 3], 152 = [3, 8, 36, 3]")
 
 
-def run_name(args):
-    return f"resnet{args.depth}"
+def run_name(config):
+    return f"resnet{config.depth}"
 
 
-def build_model(args, classes):
-    return bottleneck_resnet(args.depth, classes, Style(weight_decay=args.weight_decay))
+def build_model(config, classes):
+    return bottleneck_resnet(config.depth, classes, Style(weight_decay=config.weight_decay))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ BN-ReLU-conv1x1 to 4x the width in stage 1 and 2x after; the network's first uni
 a bare 1x1 projection opens every stage), BN-ReLU, AveragePooling2D(8), Flatten, softmax. Its bottlenecks
 are as wide as each stage's input (16, 64, 128), so its "ResNet-164" (4,972,682 parameters) is not the
 paper's. BatchNormalization keeps Keras's defaults and weight decay applies to convolutions only, as in the
-example. Expect (the Keras example, 200 epochs, CIFAR-10): v1 ResNet-20 92.16 %, -32 92.46 %, -44 92.50 %,
+example. Published (the Keras example, 200 epochs, CIFAR-10; not measured here): v1 ResNet-20 92.16 %, -32 92.46 %, -44 92.50 %,
 -56 92.71 %, -110 92.65 %; v2 ResNet-56 93.01 %, -110 93.15 %.
 
 --layout paper (v2 only), He et al. 2016's CIFAR network: a 3x3 stem to 16 channels; three stages of n
@@ -27,8 +27,8 @@ pre-activation bottlenecks BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1 with 
 and outputs 4x that (64, 128, 256); each stage's first unit has a 1x1 projection reading the unit's
 activated input, stride 2 in stages 2 and 3; BN-ReLU, global average pooling, softmax. This project's
 conventions: biased convolutions (without biases the trainable counts are 1,703,258 and 10,327,706, the
-paper's "1.7 M" and "10.2 M"), BN momentum 0.9 / epsilon 1e-5, weight decay on every kernel. Expect (He et
-al. 2016, median of 5 runs): ResNet-164 94.54 %, ResNet-1001 95.08 % on CIFAR-10; 75.67 %, 77.29 % on CIFAR-100.
+paper's "1.7 M" and "10.2 M"), BN momentum 0.9 / epsilon 1e-5, weight decay on every kernel. Published (He
+et al. 2016, median of 5 runs; not measured here): ResNet-164 94.54 %, ResNet-1001 95.08 % on CIFAR-10; 75.67 %, 77.29 % on CIFAR-100.
 Trains in float32 by default, as the papers did; `--precision auto` picks bfloat16 where it was measured
 faster (1.44x on a CPU with bfloat16 instructions, a few tenths of a point lower in short runs:
 results/README.md).
@@ -36,6 +36,7 @@ results/README.md).
 from functools import partial
 
 import common
+import recipe
 from errors import UsageError
 from units import Style, Unit, bn_relu_gap_head, model_from, residual_unit, stack
 
@@ -79,7 +80,7 @@ def v2_unit(x, filters, strides, name, width, style):
 def resnet_v1_v2(version, depth, classes=10, style=Style(**KERAS_BN)):
     import keras
     per_unit, _ = VERSIONS[version]
-    inputs, x = common.image_input()
+    inputs, x = recipe.image_input()
     x = style.conv(STEM_FILTERS, 3, name="stem_conv")(x)
     x = style.bn(name="stem_bn")(x)
     x = keras.layers.Activation("relu", name="stem_relu")(x)
@@ -96,7 +97,7 @@ def resnet_v1_v2(version, depth, classes=10, style=Style(**KERAS_BN)):
 
 def preact_resnet(depth, classes=10, style=Style()):
     """He et al. 2016's pre-activation ResNet-164/1001 (depth 9n+2)."""
-    inputs, x = common.image_input()
+    inputs, x = recipe.image_input()
     x = style.conv(STEM_FILTERS, 3, name="stem_conv")(x)
     x = stack(x, stages(2, (depth - 2) // VERSIONS[2][0], "paper"),
               partial(residual_unit, unit=PAPER_UNIT, style=style))
@@ -113,7 +114,8 @@ def add_arguments(parser):
                              "(v2, bottleneck widths 16/32/64, outputs 4x; 1,740,042 parameters for 164)")
 
 
-def check(args):
+def resolve(args):
+    """Refuses a depth the version and layout cannot build; nothing to resolve."""
     per_unit, examples = VERSIONS[args.version]
     if args.layout == "paper":
         if args.version != 2:
@@ -125,17 +127,18 @@ def check(args):
         raise UsageError(
             f"v{args.version}{layout} depth must be {per_unit}n+2: {', '.join(map(str, examples))}, ... "
             f"(got --depth {args.depth})")
+    return {}
 
 
-def run_name(args):
-    return f"resnet{args.depth}_v{args.version}" + ("_paper" if args.layout == "paper" else "")
+def run_name(config):
+    return f"resnet{config.depth}_v{config.version}" + ("_paper" if config.layout == "paper" else "")
 
 
-def build_model(args, classes):
-    if args.layout == "paper":
-        return preact_resnet(args.depth, classes, Style(weight_decay=args.weight_decay))
-    return resnet_v1_v2(args.version, args.depth, classes, Style(weight_decay=args.weight_decay, **KERAS_BN))
+def build_model(config, classes):
+    if config.layout == "paper":
+        return preact_resnet(config.depth, classes, Style(weight_decay=config.weight_decay))
+    return resnet_v1_v2(config.version, config.depth, classes, Style(weight_decay=config.weight_decay, **KERAS_BN))
 
 
 if __name__ == "__main__":
-    common.main(__doc__, add_arguments, run_name, build_model, check)
+    common.main(__doc__, add_arguments, run_name, build_model, resolve)

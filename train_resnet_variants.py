@@ -13,16 +13,18 @@ Papers: K. He, X. Zhang, S. Ren, J. Sun, "Identity Mappings in Deep Residual Net
 Units (x: unit input): a conv-BN-ReLU-conv-BN, add, ReLU | b conv-BN-ReLU-conv, add, BN, ReLU |
 c conv-BN-ReLU-conv-BN-ReLU, add | d ReLU-conv-BN-ReLU-conv-BN, add | e BN-ReLU-conv-BN-ReLU-conv, add.
 d and e take the projection shortcut from the activated input, d-v2 and e-v2 from the raw input.
-Expect, on ResNet-110 in the paper (CIFAR-10 test error): a 6.61 %, b 8.17 %, c 7.84 %, d 6.71 %,
-e 6.37 %; at depth 32 the differences are smaller. The wide ResNet beats its plain twin after 20 epochs
-(by 1.59 points in the article).
+Published, ResNet-110 in the paper (CIFAR-10 test error; not measured here at that depth): a 6.61 %, b 8.17 %, c 7.84 %, d 6.71 %,
+e 6.37 %. Measured here only in short CPU runs (results/units_cpu.md). The article reports the wide ResNet
+beating its plain twin by 1.59 points after 20 epochs (not measured here).
 Trains in float32 by default, as the papers did; `--precision auto` picks bfloat16 where it was measured
 faster (1.44x on a CPU with bfloat16 instructions, a few tenths of a point lower in short runs:
 results/README.md).
 """
 from functools import partial
 
+import cli
 import common
+import recipe
 from units import UNITS, Style, Unit, model_from, residual_unit, stack
 from train_resnet32 import STACK_N, depth, resnet
 
@@ -36,7 +38,7 @@ WIDE_EPOCHS = 20  # the article's comparison
 
 def wide_resnet(classes=10, style=Style(), plain=False):
     import keras
-    inputs, x = common.image_input()
+    inputs, x = recipe.image_input()
     x = style.conv(WIDE_STEM_FILTERS, 3, name="stem_conv")(x)
     x = keras.layers.Activation("relu", name="stem_relu")(x)
     x = style.bn(name="stem_bn")(x)
@@ -52,27 +54,27 @@ def add_arguments(parser):
                              f"network (default {WIDE_EPOCHS} epochs)")
     parser.add_argument("--unit", choices=tuple(UNITS), default="e", help="residual unit (He et al. 2016, Fig. 4)")
     parser.add_argument("--plain", action="store_true", help="remove every shortcut: the plain twin")
-    parser.add_argument("--stack-n", type=common.stack_n, default=STACK_N, metavar="N",
+    parser.add_argument("--stack-n", type=cli.stack_n, default=STACK_N, metavar="N",
                         help="units per stage of --arch cifar; depth = 6n+2")
 
 
-def check(args):
-    if args.arch == "wide" and args.epochs is None:
-        args.epochs = WIDE_EPOCHS
+def resolve(args):
+    """The article's 20 epochs for --arch wide unless --epochs says otherwise."""
+    return {"epochs": WIDE_EPOCHS} if args.arch == "wide" and args.epochs is None else {}
 
 
-def run_name(args):
-    if args.arch == "wide":
-        return "wide_plain" if args.plain else "wide_resnet"
-    return f"{'plain' if args.plain else 'resnet'}{depth(args.stack_n)}_{args.unit}"
+def run_name(config):
+    if config.arch == "wide":
+        return "wide_plain" if config.plain else "wide_resnet"
+    return f"{'plain' if config.plain else 'resnet'}{depth(config.stack_n)}_{config.unit}"
 
 
-def build_model(args, classes):
-    style = Style(weight_decay=args.weight_decay)
-    if args.arch == "wide":
-        return wide_resnet(classes, style, args.plain)
-    return resnet(args.stack_n, UNITS[args.unit], classes, style, args.plain, name=run_name(args))
+def build_model(config, classes):
+    style = Style(weight_decay=config.weight_decay)
+    if config.arch == "wide":
+        return wide_resnet(classes, style, config.plain)
+    return resnet(config.stack_n, UNITS[config.unit], classes, style, config.plain, name=run_name(config))
 
 
 if __name__ == "__main__":
-    common.main(__doc__, add_arguments, run_name, build_model, check)
+    common.main(__doc__, add_arguments, run_name, build_model, resolve)

@@ -23,7 +23,7 @@ Two implementations of one function, with equal parameter counts:
                   transition. No Lambda or slicing layer is needed, so the saved model reloads safely.
 Recipe defaults follow the paper's CIFAR training (§5.3): weight decay 5e-4, 300 epochs, learning rate
 0.1 divided by 10 at epochs 150 and 225; --recipe resnet uses this project's common ResNet recipe.
-Expect (paper, CIFAR-10 test error): ResNeXt-29 8x64d 3.65 %, 16x64d 3.58 %.
+Published (paper, CIFAR-10 test error; not measured here): ResNeXt-29 8x64d 3.65 %, 16x64d 3.58 %.
 Trains in float32 by default, as the papers did; `--precision auto` picks bfloat16 where it was measured
 faster (1.44x on a CPU with bfloat16 instructions, a few tenths of a point lower in short runs:
 results/README.md).
@@ -31,6 +31,7 @@ results/README.md).
 from functools import partial
 
 import common
+import recipe
 from errors import UsageError
 from units import Style, Unit, model_from, residual_unit, stack
 
@@ -41,7 +42,7 @@ LAYOUTS = {  # depth: (units per stage, first stage's output, stride opening sta
     50: ((3, 4, 6, 3), 256, 2, (32, 4)),  # Table 1's ResNeXt-50 32x4d, strided like the CIFAR ResNet-50
 }
 # Xie et al. 2017, §5.3: CIFAR training recipe.
-RESNEXT_RECIPE = {"epochs": 300, "weight_decay": 5e-4, "lr_schedule": common.parse_lr_schedule("0:0.1,150:0.01,225:0.001")}
+RESNEXT_RECIPE = {"epochs": 300, "weight_decay": 5e-4, "lr_schedule": recipe.parse_lr_schedule("0:0.1,150:0.01,225:0.001")}
 
 
 def stages(depth, cardinality, width):
@@ -78,7 +79,7 @@ def resnext(depth=29, cardinality=8, width=64, impl="grouped", classes=10, style
         unit_fn = partial(residual_unit, unit=UNIT, style=style, groups=cardinality)
     else:
         unit_fn = partial(split_unit, cardinality=cardinality, style=style)
-    inputs, x = common.image_input()
+    inputs, x = recipe.image_input()
     x = style.conv(STEM_FILTERS, 3, name="stem_conv")(x)
     x = keras.layers.Activation("relu", name="stem_relu")(style.bn(name="stem_bn")(x))
     x = stack(x, stages(depth, cardinality, width), unit_fn)
@@ -119,35 +120,36 @@ def add_arguments(parser):
                              "(300 epochs, wd 5e-4, 0.1 / 10 at 150 and 225); resnet: the common recipe")
 
 
-def check(args):
+def resolve(args):
+    """C and d from the flags or the depth's defaults; the paper's recipe unless --recipe resnet."""
     default_c, default_d = LAYOUTS[args.depth][3]
-    args.cardinality = default_c if args.cardinality is None else args.cardinality
-    if args.cardinality < 1:
-        raise UsageError(f"--cardinality must be at least 1 (got {args.cardinality})")
+    cardinality = default_c if args.cardinality is None else args.cardinality
+    if cardinality < 1:
+        raise UsageError(f"--cardinality must be at least 1 (got {cardinality})")
+    width = default_d if args.width is None else args.width
     if args.bottleneck_width is not None:
-        if args.bottleneck_width < 1 or args.bottleneck_width % args.cardinality:
+        if args.bottleneck_width < 1 or args.bottleneck_width % cardinality:
             divisors = [c for c in range(1, args.bottleneck_width + 1) if args.bottleneck_width % c == 0]
             raise UsageError(
-                f"--cardinality {args.cardinality} does not divide --bottleneck-width {args.bottleneck_width} "
+                f"--cardinality {cardinality} does not divide --bottleneck-width {args.bottleneck_width} "
                 f"into equal groups (choose C from {', '.join(map(str, divisors)) or 'none'})")
-        args.width = args.bottleneck_width // args.cardinality
-    args.width = default_d if args.width is None else args.width
-    if args.width < 1:
-        raise UsageError(f"--width must be at least 1 (got {args.width})")
+        width = args.bottleneck_width // cardinality
+    if width < 1:
+        raise UsageError(f"--width must be at least 1 (got {width})")
+    resolved = {"cardinality": cardinality, "width": width}
     if args.recipe == "resnext":
-        for key, value in RESNEXT_RECIPE.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
+        resolved.update({key: value for key, value in RESNEXT_RECIPE.items() if getattr(args, key) is None})
+    return resolved
 
 
-def run_name(args):
-    return f"resnext{args.depth}_{args.cardinality}x{args.width}d_{args.impl}"
+def run_name(config):
+    return f"resnext{config.depth}_{config.cardinality}x{config.width}d_{config.impl}"
 
 
-def build_model(args, classes):
-    return resnext(args.depth, args.cardinality, args.width, args.impl, classes,
-                   Style(weight_decay=args.weight_decay, use_bias=False))
+def build_model(config, classes):
+    return resnext(config.depth, config.cardinality, config.width, config.impl, classes,
+                   Style(weight_decay=config.weight_decay, use_bias=False))
 
 
 if __name__ == "__main__":
-    common.main(__doc__, add_arguments, run_name, build_model, check)
+    common.main(__doc__, add_arguments, run_name, build_model, resolve)

@@ -8,8 +8,8 @@ applications/resnet.py `stack_fn`, kuangliu's `ResNet(Bottleneck, [3, 4, 6, 3])`
 """
 from dataclasses import dataclass
 
-from batch_norm import batch_normalization_class
-from common import BN_EPSILON, BN_MOMENTUM, WEIGHT_DECAY
+from recipe import BN_EPSILON, BN_MOMENTUM, WEIGHT_DECAY
+from workarounds import batch_normalization_class
 
 
 @dataclass(frozen=True)

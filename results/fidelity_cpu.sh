@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The fidelity protocol of results/fidelity_cpu.md: our ResNet-20 (unit e) and the seed article's recipe
-# (../shared/bench/seed_recipe.py, Keras 2 / tf-keras, ImageDataGenerator) on the same data, the same
+# (seed_recipe.py, Keras 2 / tf-keras, ImageDataGenerator) on the same data, the same
 # schedule and seeds: full 50,000 training images, the 10,000 test images evaluated after every epoch,
 # batch 128, float32, TensorFlow on the CPU. One run at a time (each uses both cores).
-#   bash results/fidelity_cpu.sh DATA_DIR     # DATA_DIR holds cifar-10-batches-py/, e.g. from
-#                                              # python ../shared/data/cifar10_batches.py data
+#   bash results/fidelity_cpu.sh DATA_DIR SEED_RECIPE   # DATA_DIR holds cifar-10-batches-py/, e.g. from
+#                                              # the JPEG copy's converter (docs/fidelity.md, "Data")
 # Needs: pip install -r requirements.txt, and for the seed recipe tf-keras matching TensorFlow plus scipy.
 set -euo pipefail
-DATA=${1:?usage: bash results/fidelity_cpu.sh DATA_DIR}
+DATA=${1:?usage: bash results/fidelity_cpu.sh DATA_DIR SEED_RECIPE}
 cd "$(dirname "$0")/.."
-SEED_RECIPE=../shared/bench/seed_recipe.py
+SEED_RECIPE=${2:?usage: bash results/fidelity_cpu.sh DATA_DIR SEED_RECIPE (the article's Keras 2 script, docs/fidelity.md)}
 SHORT=(--stack-n 3 --epochs 10 --lr-schedule 0:0.1,5:0.01,8:0.001)
 for seed in 0 1; do
   python train_resnet32.py --data-dir "$DATA" "${SHORT[@]}" --seed "$seed" \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU runs behind results/README.md, in order: 2-core CPU (AVX512-BF16), TensorFlow backend.
-# Data: the JPEG-derived CIFAR-10 copy, rebuilt with: python ../shared/data/cifar10_batches.py data
+# Data: the JPEG-derived CIFAR-10 copy, rebuilt with: the JPEG copy's converter (docs/fidelity.md, "Data")
 # Short runs (10,000 training images, 6 epochs, ResNet-20): comparisons, not the published accuracies.
 set -euo pipefail
 cd "$(dirname "$0")/.."

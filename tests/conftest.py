@@ -8,6 +8,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import cifar_data  # noqa: E402
+import cli  # noqa: E402
+import recipe  # noqa: E402
 from cifar_fixture import write_cifar  # noqa: E402
 
 # Makes `import tensorflow` fail, to show that a JAX or PyTorch run never needs TensorFlow.
@@ -22,6 +25,32 @@ def run_script(script, *args, backend=None, block_tensorflow=False, timeout=900)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [NO_TENSORFLOW, env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def parse(module, argv):
+    """A family script's RunConfig for these flags, as the script itself builds it."""
+    return cli.parse(argv, module.add_arguments, getattr(module, "resolve", None), module.run_name)
+
+
+def build(module, argv):
+    config = parse(module, argv)
+    return module.build_model(config, cifar_data.DATASETS[config.dataset].classes)
+
+
+def compile_for(model, config, steps_per_epoch):
+    """The scripts' compile (recipe.compile_model) with `config`'s schedule and steps per execution."""
+    recipe.compile_model(model, config.lr_schedule, steps_per_epoch, config.steps_per_execution)
+
+
+def assert_refused(result, *words):
+    """Exit code 2, one line on stderr (`prog: error: ...`) holding every word, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and lines[0].split(": ")[1] == "error"
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
 
 
 def final_fields(stdout):

@@ -5,7 +5,7 @@ from conftest import run_script
 
 
 def test_bench_prints_a_machine_readable_line_per_configuration():
-    result = run_script("bench.py", "train_resnet32.py", "--stack-n", "1", "--batch-size", "8", "16",
+    result = run_script("bench.py", "model", "train_resnet32.py", "--stack-n", "1", "--batch-size", "8", "16",
                         "--precision", "float32", "--batch-norm", "auto", "keras",
                         "--steps", "2", "--warmup", "1", "--repeats", "1")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -22,12 +22,12 @@ def test_bench_prints_a_machine_readable_line_per_configuration():
 
 
 def test_bench_refuses_an_unknown_script():
-    result = run_script("bench.py", "train_nothing.py")
+    result = run_script("bench.py", "model", "train_nothing.py")
     assert result.returncode == 2 and "no family script" in result.stderr
 
 
 def test_overhead_mode_prints_one_line_per_configuration():
-    result = run_script("bench.py", "--overhead", "--steps-per-execution", "1", "2", "--steps", "8", "--warmup", "2",
+    result = run_script("bench.py", "overhead", "--steps-per-execution", "1", "2", "--steps", "8", "--warmup", "2",
                         "--repeats", "1", "--batch-size", "16")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("OVERHEAD ")]
@@ -37,3 +37,10 @@ def test_overhead_mode_prints_one_line_per_configuration():
         fields = dict(item.split("=", 1) for item in line.split()[1:])
         assert fields["backend"] == "tensorflow" and fields["device"] == "cpu" and fields["cpu"]
         assert float(fields["us_per_step"]) > 0 and fields["batch"] == "16"
+
+
+def test_bench_needs_a_mode_and_the_seed_script_path():
+    result = run_script("bench.py", "train_resnet32.py")
+    assert result.returncode == 2 and "model, overhead, versus-seed" in result.stderr
+    result = run_script("bench.py", "versus-seed", "data")
+    assert result.returncode == 2 and "--seed-script" in result.stderr and "Traceback" not in result.stderr

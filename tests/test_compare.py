@@ -5,8 +5,7 @@ import re
 import pytest
 
 import train_resnet_variants
-from conftest import run_script
-from test_models import build
+from conftest import build, run_script
 
 RUNS = {"resnet8_e_cifar10": ["--unit", "e"], "plain8_e_cifar10": ["--unit", "e", "--plain"]}
 

@@ -5,20 +5,11 @@ import pickle
 import pytest
 
 from cifar_fixture import batch_dict, write_cifar
-from conftest import run_script
-
-
-def assert_refused(result, *words):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr and lines[0].split(": ")[1] == "error"
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
+from conftest import assert_refused, run_script
 
 
 BAD_FLAGS = [
+    ("train_resnet32.py", ["--epoch", "2"], ["unrecognized argument '--epoch'", "did you mean --epochs?"]),
     ("train_resnet32.py", ["--stack-n", "0"], ["--stack-n", "6n+2", "20, 32, 44, 56, 110"]),
     ("train_resnet32.py", ["--stack-n", "two"], ["--stack-n"]),
     ("train_resnet32.py", ["--epochs", "-1"], ["--epochs", "at least 1"]),
@@ -27,7 +18,7 @@ BAD_FLAGS = [
     ("train_resnet32.py", ["--lr-schedule", "5:0.1"], ["--lr-schedule", "start at 0"]),
     ("train_resnet32.py", ["--lr-schedule", "0:0.1,9:-1"], ["--lr-schedule", "positive"]),
     ("train_resnet32.py", ["--weight-decay", "-1e-4"], ["--weight-decay"]),
-    ("train_resnet32.py", ["--steps-per-execution", "0"], ["--steps-per-execution", "'auto' or an integer >= 1"]),
+    ("train_resnet32.py", ["--steps-per-execution", "0"], ["--steps-per-execution", "'auto' or an integer from 1"]),
     ("train_resnet32.py", ["--steps-per-execution", "many"], ["--steps-per-execution", "'auto'"]),
     ("train_resnet32.py", ["--precision", "float8"], ["--precision", "'float32'"]),
     ("train_resnet32.py", ["--model", "resnet33"], ["--model", "resnet32", "resnet34"]),

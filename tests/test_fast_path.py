@@ -9,11 +9,10 @@ import keras
 import numpy as np
 import pytest
 
-import batch_norm
-import common
-import training
+import recipe
 import train_resnet32
-from test_models import build
+import workarounds
+from conftest import build
 
 TENSORFLOW_ONLY = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow backend only")
 
@@ -39,7 +38,7 @@ def forward_and_backward(layer, x, weights):
 @pytest.mark.parametrize("precision, rtol", [("float32", 1e-5), ("mixed_bfloat16", 1e-2)])
 def test_fused_batch_normalization_computes_what_keras_does(policy, precision, rtol):
     import tensorflow as tf
-    fused = batch_norm.batch_normalization_class()
+    fused = workarounds.batch_normalization_class()
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("the fused class is used on TensorFlow's CPU only")
     assert fused is not keras.layers.BatchNormalization and issubclass(fused, keras.layers.BatchNormalization)
@@ -50,7 +49,7 @@ def test_fused_batch_normalization_computes_what_keras_does(policy, precision, r
     gamma = rng.normal(1.0, 0.2, 16).astype("float32")
     results = []
     for cls in (keras.layers.BatchNormalization, fused):
-        layer = cls(momentum=common.BN_MOMENTUM, epsilon=common.BN_EPSILON)
+        layer = cls(momentum=recipe.BN_MOMENTUM, epsilon=recipe.BN_EPSILON)
         layer.build(x.shape)
         layer.gamma.assign(gamma)
         layer.beta.assign(gamma - 1.0)
@@ -78,7 +77,7 @@ def test_saved_checkpoint_loads_in_plain_keras(trained, extension):
 
 def test_model_converts_between_batch_norm_classes_keeping_weights():
     model = build(train_resnet32, ["--stack-n", "1"])
-    plain = batch_norm.with_batch_normalization(model, keras.layers.BatchNormalization)
+    plain = workarounds.with_batch_normalization(model, keras.layers.BatchNormalization)
     norms = [layer for layer in plain.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms and all(type(layer) is keras.layers.BatchNormalization for layer in norms)
     assert [layer.name for layer in plain.layers] == [layer.name for layer in model.layers]
@@ -86,7 +85,7 @@ def test_model_converts_between_batch_norm_classes_keeping_weights():
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
     np.testing.assert_allclose(plain.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
-    assert batch_norm.with_batch_normalization(plain, keras.layers.BatchNormalization) is plain
+    assert workarounds.with_batch_normalization(plain, keras.layers.BatchNormalization) is plain
 
 
 @TENSORFLOW_ONLY
@@ -94,7 +93,7 @@ def test_tf_data_batches_are_the_arrays_in_order():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (100, 32, 32, 3)).astype("uint8")
     y = rng.integers(0, 10, 100).astype("int32")
-    data = training.batches(x, y, 32)
+    data = workarounds.batches(x, y, 32)
     assert data.y is None and data.batch_size is None
     assert not data.x.options().autotune.enabled
     got = list(data.x.as_numpy_iterator())

@@ -5,8 +5,8 @@ import sys
 
 from conftest import ROOT
 
-MODULES = ["common", "cifar_data", "units", "batch_norm", "training", "checkpoints", "outputs", "devices",
-           "distributed", "errors", "bench", "compare", "train_resnet32", "train_resnet_variants",
+MODULES = ["common", "cli", "run_config", "recipe", "workarounds", "cifar_data", "units", "training", "checkpoints",
+           "outputs", "devices", "distributed", "errors", "bench", "compare", "train_resnet32", "train_resnet_variants",
            "train_resnet_bottleneck", "train_resnet_v2", "train_resnext"]
 FRAMEWORKS = ["keras", "tensorflow", "jax", "torch"]
 
@@ -25,3 +25,30 @@ def test_every_module_imports_without_a_framework():
     result = subprocess.run([sys.executable, "-c", BLOCKED_IMPORT], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == f"imported {len(MODULES)}"
+
+
+def test_no_code_changes_args_after_parsing():
+    """The parsed namespace is only read: settings are resolved once into an immutable RunConfig."""
+    import glob
+    import re
+    assignment = re.compile(r"\bargs\.\w+\s*(=(?!=)|\+=|-=)|setattr\(\s*args\b")
+    offenders = []
+    for path in sorted(glob.glob(f"{ROOT}/*.py")):
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if assignment.search(line):
+                    offenders.append(f"{path}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_run_config_is_immutable():
+    import dataclasses
+
+    import pytest
+
+    import train_resnet32
+    from conftest import parse
+    config = parse(train_resnet32, ["--stack-n", "3"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 3
+    assert config.stack_n == 3 and config.saved()["stack_n"] == 3

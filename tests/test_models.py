@@ -1,16 +1,15 @@
-"""Every network of the spec (../shared/docs/architectures.md) against its exact parameter counts."""
+"""Every network of docs/architectures.md against its exact parameter counts."""
 import numpy as np
 import pytest
 
 import cifar_data
-import common
 import outputs
 import train_resnet32
 import train_resnet_bottleneck
 import train_resnet_v2
 import train_resnet_variants
 import train_resnext
-from conftest import run_script
+from conftest import build, parse, run_script
 
 # (script module, arguments, total, trainable, non-trainable): the spec's tables, CIFAR-10 unless noted.
 MODEL_LIST = [
@@ -42,15 +41,6 @@ MODEL_LIST = [
     (train_resnext, ["--cardinality", "8", "--width", "64"], 34_484_170, None, None),
     (train_resnext, ["--cardinality", "16", "--width", "64"], 68_255_690, None, None),
 ]
-
-
-def parse(module, argv):
-    return common.parse_args(module.add_arguments, argv, getattr(module, "check", None))
-
-
-def build(module, argv):
-    args = parse(module, argv)
-    return module.build_model(args, cifar_data.DATASETS[args.dataset].classes)
 
 
 def trainable_count(model):
@@ -166,12 +156,12 @@ def test_resnext_split_form_saves_and_reloads_safely(tmp_path, extension):
 
 @pytest.fixture
 def deep_recursion():
-    """What devices.configure_backend sets for every script: Keras walks a 3,000-layer graph recursively."""
+    """What devices.configure_backend sets (workarounds.RECURSION_LIMIT) for every script: Keras walks a 3,000-layer graph recursively."""
     import sys
 
-    import devices
+    import workarounds
     before = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(before, devices.RECURSION_LIMIT))
+    sys.setrecursionlimit(max(before, workarounds.RECURSION_LIMIT))
     yield
     sys.setrecursionlimit(before)
 

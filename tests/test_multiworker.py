@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from conftest import EPOCHS, NO_TENSORFLOW, ROOT, TINY_RUN, final_fields, run_script
-from test_errors import assert_refused
+from conftest import EPOCHS, NO_TENSORFLOW, ROOT, TINY_RUN, assert_refused, final_fields, run_script
 
 RUN = "resnet8_e_cifar10"
 WAIT = 240  # --wait-timeout: a lost worker ends the test's run in minutes, never a hang

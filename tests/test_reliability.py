@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 import checkpoints
-import common
 import outputs
-from conftest import ROOT, final_fields, run_script
+from conftest import ROOT, compile_for, final_fields, parse, run_script
 
 RUN = "resnet8_e_cifar10"
 EPOCHS = 4
@@ -91,10 +90,9 @@ outputs.atomic_write({path!r}, write)
 
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     import train_resnet32
-    from test_models import parse
     model = train_resnet32.resnet(1)
     args = parse(train_resnet32, [])
-    common.compile_model(model, args, steps_per_epoch=2)
+    compile_for(model, args, 2)
     model.optimizer.build(model.trainable_variables)
     config = {"model": model.name, "params": model.count_params(), "dataset": "cifar10", "train_images": 64,
               "batch_size": 32, "seed": 0, "precision": "float32"}
@@ -109,7 +107,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert os.path.getsize(path) == before
 
     fresh = train_resnet32.resnet(1)
-    common.compile_model(fresh, args, steps_per_epoch=2)
+    compile_for(fresh, args, 2)
     assert checkpoints.restore_state(fresh, path, config) == rows
     for a, b in zip(model.weights, fresh.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -149,12 +147,11 @@ BOUND_SCRIPT = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import keras, numpy as np
-import common, train_resnet32, training
-from test_models import parse
-args = parse(train_resnet32, ["--stack-n", "1", "--lr-schedule", "0:1e30"])
-args.steps_per_execution = 1
+import train_resnet32, training
+from conftest import compile_for, parse
+args = parse(train_resnet32, ["--stack-n", "1", "--lr-schedule", "0:1e30", "--steps-per-execution", "1"])
 model = train_resnet32.resnet(1)
-common.compile_model(model, args, steps_per_epoch=100)
+compile_for(model, args, 100)
 seen = []
 counter = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: seen.append(batch))
 x = np.random.default_rng(0).integers(0, 256, (100 * 8, 32, 32, 3)).astype("uint8")

@@ -11,8 +11,7 @@ import pytest
 
 import checkpoints
 import train_resnet32
-from conftest import run_script
-from test_errors import assert_refused
+from conftest import assert_refused, run_script
 
 
 def lambda_model(marker):
@@ -71,7 +70,7 @@ def test_every_network_of_the_project_passes_the_check(tmp_path):
     import train_resnet_v2
     import train_resnet_variants
     import train_resnext
-    from test_models import build
+    from conftest import build
     networks = [build(train_resnet_variants, ["--unit", "b", "--stack-n", "1"]),
                 build(train_resnet_variants, ["--arch", "wide"]),
                 build(train_resnet_v2, ["--version", "1", "--depth", "8"]),

@@ -7,17 +7,15 @@ import os
 import numpy as np
 import pytest
 
-import batch_norm
 import checkpoints
 import cifar_data
-import common
 import units
+import workarounds
 import train_resnet32
 import train_resnet_v2
 import train_resnet_variants
 import train_resnext
-from conftest import final_fields, run_script
-from test_models import parse
+from conftest import compile_for, final_fields, parse, run_script
 
 from conftest import EPOCHS, TINY_RUN
 
@@ -57,10 +55,18 @@ def test_first_lines_say_where_it_trains(trained):
     assert result.stdout.index(lines[0]) < result.stdout.index("Epoch 1/")
 
 
+def test_quiet_start(trained):
+    """Nothing of the framework's start-up reaches the terminal on a machine without a GPU."""
+    _, _, result = trained
+    for noise in ("cuInit", "absl::InitializeLog", "Could not find cuda drivers", "oneDNN custom operations"):
+        assert noise not in result.stdout + result.stderr, noise
+    assert result.stderr.strip() == "", result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_steps_per_execution_gives_the_same_history(cifar_dir, tmp_path, backend):
     """Four steps per compiled call (10 steps an epoch: 4 + 4 + 2) train like one: on TensorFlow Keras's
-    multi-step loop, on JAX our fused one (training.fuse_steps: four steps as one XLA program)."""
+    multi-step loop, on JAX our fused one (workarounds.fuse_steps: four steps as one XLA program)."""
     histories = {}
     for spe in (1, 4):
         out = tmp_path / f"spe{spe}"
@@ -115,14 +121,14 @@ def test_saved_h5_reloads_to_identical_predictions(cifar_dir, tmp_path):
     import keras
     (x, y), (xt, _) = tiny_data(cifar_dir)
     model = train_resnet32.resnet(1)
-    common.compile_model(model, parse(train_resnet32, []), steps_per_epoch=2)
+    compile_for(model, parse(train_resnet32, []), 2)
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     path = str(tmp_path / "model.h5")
     checkpoints.save_model(model, path)
     reloaded = keras.models.load_model(path, compile=False)  # Keras's own classes (test_fast_path.py)
     np.testing.assert_allclose(reloaded.predict(xt, verbose=0), model.predict(xt, verbose=0), rtol=1e-5, atol=1e-6)
     # with the kernels training used (what --evaluate does), the very same numbers
-    same_kernels = batch_norm.with_batch_normalization(reloaded, batch_norm.batch_normalization_class())
+    same_kernels = workarounds.with_batch_normalization(reloaded, workarounds.batch_normalization_class())
     np.testing.assert_array_equal(same_kernels.predict(xt, verbose=0), model.predict(xt, verbose=0))
     assert [l.name for l in reloaded.layers] == [l.name for l in model.layers]
 
@@ -144,6 +150,6 @@ def test_one_tiny_epoch_without_nan(module, argv, cifar_dir):
     (x, y), (xt, yt) = tiny_data(cifar_dir)
     args = parse(module, argv)
     model = module.build_model(args, 10)
-    common.compile_model(model, args, steps_per_epoch=2)
+    compile_for(model, args, 2)
     history = model.fit(x, y, batch_size=32, epochs=1, validation_data=(xt, yt), verbose=0).history
     assert all(np.isfinite(history[key][0]) for key in ("loss", "val_loss")), history

@@ -1,0 +1,189 @@
+"""The command line every family script shares: the flags (named as in the papers, formulas in the help),
+their types, and parsing into the one immutable run configuration (run_config.RunConfig).
+
+No prefix matching: a flag is taken only as typed (`--epoch` is an error that names `--epochs`).
+Import-safe: parsing starts no framework.
+"""
+import argparse
+import difflib
+import math
+
+import recipe
+import run_config
+from cifar_data import DATASETS
+from devices import PRECISIONS
+from distributed import WAIT_TIMEOUT_S
+from errors import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (UsageError) instead of usage plus a message, and no prefix matching:
+    an unknown flag is an error that names the nearest real one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            near = difflib.get_close_matches(flag.split("=", 1)[0], known, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            self.error(f"unrecognized argument {flag!r}{hint}")
+        return parsed
+
+    def error(self, message):  # argparse prints usage and a second line; we want one line
+        raise UsageError(f"{message} (see --help)")
+
+
+MAX_STEPS_PER_EXECUTION = 10_000  # far above any useful value (16 is the default); Keras counts steps in int32
+
+
+def _int_at_least(low):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _nonnegative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+positive_int = _int_at_least(1)
+MAX_SEED = 2**32 - 1  # numpy's and Keras's seeds are 32-bit
+
+
+def _int_between(low, high, what):
+    def parse(text):
+        value = _int_at_least(low)(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{what} must be at most {high}, got {value}")
+        return value
+    return parse
+
+
+epochs = _int_between(1, recipe.MAX_EPOCH, "epochs")
+seed = _int_between(0, MAX_SEED, "a seed")
+
+
+def _positive_float(text):
+    value = _nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def steps_per_execution(text):
+    if text == "auto":
+        return text
+    try:
+        return _int_between(1, MAX_STEPS_PER_EXECUTION, "steps per execution")(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer from 1 to {MAX_STEPS_PER_EXECUTION}, "
+                                         f"got {text!r}") from None
+
+
+def stack_n(text):
+    """Units per stage of a 6n+2 network: n >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"got {text!r}, but n must be an integer >= 1: depth must be 6n+2: 20, 32, 44, 56, 110 "
+            "(n = 3, 5, 7, 9, 18)")
+    return value
+
+
+def lr_schedule(text):
+    try:
+        return recipe.parse_lr_schedule(text)
+    except recipe.ScheduleError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def make_parser(description, add_arguments):
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
+    data.add_argument("--data-dir", metavar="DIR",
+                      help="a local copy in the official python layout: DIR/cifar-10-batches-py/ or "
+                           "DIR/cifar-10-python.tar.gz (cifar-100-python likewise); default: download "
+                           "through keras.datasets")
+    data.add_argument("--train-limit", type=positive_int, metavar="N",
+                      help="train on the first N training images only")
+    train = parser.add_argument_group("training recipe (defaults: He et al. 2016, docs/recipe.md)")
+    train.add_argument("--epochs", type=epochs, help=f"default {recipe.EPOCHS}")
+    train.add_argument("--batch-size", type=positive_int, default=recipe.BATCH_SIZE,
+                       help="steps per epoch = floor(training images / batch size)")
+    train.add_argument("--lr-schedule", type=lr_schedule, metavar="E:LR,...",
+                       help=f"step schedule: LR from epoch E on (counted from 0); default {recipe.LR_SCHEDULE}")
+    train.add_argument("--weight-decay", type=_nonnegative_float,
+                       help=f"L2 penalty on kernels: loss += wd * sum(w^2) (default {recipe.WEIGHT_DECAY:g})")
+    train.add_argument("--seed", type=seed, default=recipe.SEED,
+                       help=f"0 to {MAX_SEED}: weights, data order and augmentation all follow from it")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--precision", choices=PRECISIONS, default="float32",
+                       help="compute precision, default float32 as in the papers; mixed_* keep float32 weights, "
+                            "BN statistics, softmax and loss (mixed_float16 adds loss scaling); auto: "
+                            "mixed_bfloat16 where it was measured faster (TensorFlow on a CPU with bfloat16 "
+                            "instructions: 1.44x, about 0.4-0.7 points lower in short runs), else float32")
+    speed.add_argument("--steps-per-execution", type=steps_per_execution, default="auto", metavar="N",
+                       help="training steps per compiled call (Keras compile(steps_per_execution=)): the host "
+                            "runs callbacks and reads the logs once per N steps; auto: the measured best for the "
+                            "backend (16; 1 on PyTorch and with --distribute on TensorFlow, which allow no more)")
+    scale = parser.add_argument_group("scale out")
+    scale.add_argument("--distribute", action="store_true",
+                       help="data parallelism over every visible device: keras.distribution.DataParallel on "
+                            "JAX, tf.distribute.MirroredStrategy on TensorFlow; --batch-size is the global batch")
+    scale.add_argument("--lr-scale", type=_positive_float, default=1.0, metavar="K",
+                       help="multiply every --lr-schedule rate by K; linear scaling rule: K = batch size / 128")
+    scale.add_argument("--cpu-devices", type=positive_int, metavar="N",
+                       help="split the CPU into N devices, to try --distribute on a machine without GPUs")
+    scale.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="JAX on several machines: process 0's address; with --num-processes and --process-id "
+                            "(TensorFlow reads the standard TF_CONFIG instead)")
+    scale.add_argument("--num-processes", type=positive_int, metavar="N", help="processes in the JAX cluster")
+    scale.add_argument("--process-id", type=_int_at_least(0), metavar="I", help="this process, 0 to N-1; 0 writes")
+    scale.add_argument("--wait-timeout", type=_positive_float, default=WAIT_TIMEOUT_S, metavar="S",
+                       help="with --distribute, end the run (exit code 1) when no step finishes for S seconds, "
+                            f"e.g. a worker that never comes (default {WAIT_TIMEOUT_S})")
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--run-name", help="default: <model>_<dataset>, e.g. resnet32_e_cifar10")
+    out.add_argument("--log-dir", default="logs", help="TensorBoard logs go to LOG_DIR/<run-name>/")
+    out.add_argument("--checkpoint-dir", default="checkpoints",
+                     help="<run-name>.h5 and .keras (the model), .csv (history) and .json (configuration)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from its last completed epoch (same command plus --resume)")
+    out.add_argument("--verbose", type=int, choices=(0, 1, 2),
+                     help="Keras progress: 1 bar, 2 one line per epoch (default: 1 on a terminal, else 2)")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--summary", action="store_true",
+                       help="print model.summary() and exit without loading data")
+    modes.add_argument("--evaluate", metavar="PATH",
+                       help="evaluate a saved .h5 or .keras model on the test set (loaded with safe_mode; "
+                            "evaluate only files you trust)")
+    return parser
+
+
+def parse(argv, add_arguments, family_resolve=None, run_name=None, description=None):
+    """A family's command line as its one immutable RunConfig: parsed, checked, defaults resolved."""
+    args = make_parser(description, add_arguments).parse_args(argv)
+    return run_config.resolve(args, family_resolve, run_name)
+
+

@@ -1,0 +1,93 @@
+"""A run's settings, resolved once: what the command line asked for, with the family's and the recipe's
+defaults filled in, --lr-scale applied, the backend, precision and steps per execution decided. Immutable
+(a frozen dataclass): the training loop reads it, and it is what every run saves (config.json beside the
+checkpoint and in the log folder). Change "how a run's settings are saved" here.
+
+Import-safe and framework-free: it is built before any framework starts, so a bad setting is one line.
+"""
+import dataclasses
+import types
+from dataclasses import dataclass, field
+
+import devices
+import recipe
+
+# Flags that choose what the command does rather than how a run trains: never saved.
+MODES = ("summary", "evaluate", "resume")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # data
+    dataset: str
+    data_dir: object
+    train_limit: object
+    # the recipe (family defaults filled in; lr_schedule after --lr-scale)
+    epochs: int
+    batch_size: int
+    lr_schedule: tuple
+    weight_decay: float
+    seed: int
+    # speed
+    backend: str
+    precision: str
+    steps_per_execution: int
+    # scale out
+    distribute: bool
+    lr_scale: float
+    cpu_devices: object
+    coordinator: object
+    num_processes: object
+    process_id: object
+    wait_timeout: float
+    # outputs
+    run_name: str
+    log_dir: str
+    checkpoint_dir: str
+    verbose: object
+    # what the command does
+    summary: bool = False
+    evaluate: object = None
+    resume: bool = False
+    # the family script's own flags (depth, unit, ...), resolved; read as attributes: config.stack_n
+    family: types.MappingProxyType = field(default_factory=lambda: types.MappingProxyType({}))
+
+    def __getattr__(self, name):  # only called for names that are not fields: the family's flags
+        if name.startswith("__") or name == "family":
+            raise AttributeError(name)
+        try:
+            return self.family[name]
+        except KeyError:
+            raise AttributeError(f"RunConfig has no setting {name!r}") from None
+
+    def saved(self):
+        """The settings as a run saves them (JSON-ready): the family's flags beside the common ones."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in MODES and f.name != "family"}
+        values["lr_schedule"] = recipe.format_lr_schedule(self.lr_schedule)
+        return {**dict(self.family), **values}
+
+
+COMMON = {f.name for f in dataclasses.fields(RunConfig)} - {"family", "backend"}
+
+
+def resolve(args, family_resolve=None, run_name=None):
+    """The RunConfig of parsed `args` (an argparse.Namespace, only read). family_resolve(args) returns the
+    family's resolved values (its own flags' defaults, a recipe of its own) or raises UsageError;
+    run_name(settings) gives the model part of the default run name, e.g. "resnet32_e"."""
+    values = vars(args).copy()
+    if family_resolve:
+        values.update(family_resolve(args))
+    for key, default in recipe.DEFAULTS.items():
+        if values.get(key) is None:
+            values[key] = default
+    values["lr_schedule"] = tuple((epoch, lr * values["lr_scale"]) for epoch, lr in values["lr_schedule"])
+    backend = devices.backend_name()
+    values["precision"] = devices.resolve_precision(values["precision"], backend)
+    values["steps_per_execution"] = devices.resolve_steps_per_execution(
+        values["steps_per_execution"], backend, values["distribute"])
+    common = {key: values.pop(key) for key in list(values) if key in COMMON}
+    config = RunConfig(backend=backend, family=types.MappingProxyType(values), **common)
+    if config.run_name is None and run_name is not None:
+        config = dataclasses.replace(config, run_name=f"{run_name(config)}_{config.dataset}")
+    return config

@@ -1,0 +1,212 @@
+"""Every place this project works around a limit or a bug of Keras or TensorFlow, one entry each.
+
+Each entry says the symptom, the versions it was seen with (Keras 3.15.1, TensorFlow 2.21.0, JAX 0.10.2 unless
+said otherwise) and when to remove it. Import-safe: the frameworks are imported inside the functions.
+
+1. resolve_jit_compile   RandomTranslation turns XLA off for the whole model, on JAX too.
+2. fuse_steps            Keras's JAX trainer dispatches every step of an execution separately.
+3. batches               Keras's own tf.data pipeline autotunes, and tearing it down waits up to a minute.
+4. FusedBatchNormalization  Keras 3's BatchNormalization is a dozen separate ops on TensorFlow's CPU.
+5. prepare_multi_worker_fit  fit() fails under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+6. steps_per_execution_limit  the multi-step loop fails inside MirroredStrategy; torch refuses N > 1.
+7. RECURSION_LIMIT       Keras walks the layer graph recursively: ResNet-1001 needs ~10,000 frames.
+"""
+import functools
+import itertools
+from typing import NamedTuple
+
+
+# 1. Keras's RandomTranslation declares supports_jit=False, for TensorFlow's sake (XLA has no kernel for its
+# ImageProjectiveTransformV3: "tf2xla conversion failed"), and Keras's jit_compile="auto" then turns XLA off for
+# the whole model on every backend: JAX ran the step op by op (ResNet-20 on a 2-core EPYC: 218 vs 384 images/s
+# with XLA, same loss to float rounding). JAX's translation (map_coordinates) compiles, so on JAX the flag is
+# set on the instance (never saved). Remove when the augmentation no longer uses RandomTranslation, or when
+# Keras decides supports_jit per backend.
+def resolve_jit_compile(model, jit_compile="auto"):
+    """XLA for the training step: on under JAX, Keras's own choice (off) on TensorFlow and PyTorch."""
+    import keras
+    if keras.backend.backend() != "jax":
+        return False if jit_compile == "auto" else jit_compile
+    if jit_compile is not False:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.RandomTranslation):
+                layer.supports_jit = True  # an attribute of this instance only, never saved
+    return True if jit_compile == "auto" else jit_compile
+
+
+# 2. Keras's JAX trainer runs an execution of N steps as a Python loop that dispatches the compiled step once
+# per batch, so the host still pays a dispatch of the whole training state (every weight, BN statistic,
+# momentum and metric) per step: 107 vs 22 us per step at N = 16 (bench.py overhead, 2-core EPYC). Here the
+# N steps are one XLA program (jax.lax.scan over the N batches, stacked on the device). Keras's fit() uses a
+# train_function that is already set; compile() resets it. Remove when Keras's JAX trainer scans the steps
+# of one execution itself.
+def fuse_steps(model):
+    """On JAX with XLA and steps_per_execution > 1 (not with --distribute): one compiled program per
+    execution; a last, shorter execution of an epoch runs step by step."""
+    import keras
+    steps = model.steps_per_execution
+    if (keras.backend.backend() != "jax" or steps == 1 or not model.jit_compile
+            or keras.distribution.distribution() is not None):
+        return
+    import jax
+    import jax.numpy as jnp
+
+    def scan_steps(state, batches):
+        stacked = jax.tree.map(lambda *parts: jnp.stack(parts), *batches)
+
+        def one_step(state, data):
+            logs, state = model.train_step(state, data)
+            return state, logs
+        state, logs = jax.lax.scan(one_step, state, stacked)
+        return jax.tree.map(lambda values: values[-1], logs), state
+
+    fused = jax.jit(scan_steps, donate_argnums=0)
+    single = jax.jit(model.train_step, donate_argnums=0)
+
+    def train_function(state, iterator):
+        batches = list(itertools.islice(iterator, steps))
+        if len(batches) == steps:
+            return fused(state, batches)
+        for data in batches:
+            logs, state = single(state, data)
+        return logs, state
+
+    model.train_function = train_function
+
+
+# 3. Given arrays on TensorFlow, Keras builds a tf.data pipeline that autotunes, and destroying it at the end
+# of a fit() waits for the autotuning thread, which sleeps up to a minute between rounds: 0-40 s added at
+# random to every fit() (TensorFlow 2.21; gdb: RootDataset::Iterator::~Iterator). Same batches, same order,
+# autotuning off. Remove when a fit() on arrays ends without that wait (time bench.py model before removing).
+class Batches(NamedTuple):
+    x: object  # an array, or on TensorFlow a batched tf.data.Dataset of (image, label)
+    y: object  # labels, or None with a dataset
+    batch_size: object  # the batch size, or None with a dataset
+
+
+def batches(x, y, batch_size):
+    """What fit() and evaluate() are given, in order: on TensorFlow a tf.data pipeline over the arrays with
+    autotuning off, elsewhere the arrays themselves. The uint8 images stay uint8 until the model's first layer."""
+    import keras
+    if keras.backend.backend() != "tensorflow":
+        return Batches(x, y, batch_size)
+    import tensorflow as tf
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).prefetch(2)
+    return Batches(dataset.with_options(options), None, None)
+
+
+# 4. Keras 3 computes BatchNormalization from separate ops (moments, then the normalization: a dozen passes
+# over memory with the backward pass); on TensorFlow's CPU the fused kernel tf.keras used (FusedBatchNormV3)
+# trains ResNet-32 1.35x faster in float32 (docs/performance.md). Same weights, names and numbers to float
+# rounding (tests/test_fast_path.py); checkpoints are written with Keras's own class (with_batch_normalization),
+# so they load without this code. Remove when Keras's TensorFlow backend calls the fused kernel itself.
+@functools.cache
+def batch_normalization_class():
+    """keras.layers.BatchNormalization, or on TensorFlow without a GPU its fused twin."""
+    import keras
+    if keras.backend.backend() != "tensorflow":
+        return keras.layers.BatchNormalization  # XLA (JAX) and torch fuse or run it well already
+    import tensorflow as tf
+    if tf.config.list_physical_devices("GPU"):
+        return keras.layers.BatchNormalization
+    return _fused_batch_normalization_class()
+
+
+@functools.cache
+def _fused_batch_normalization_class():
+    import keras
+    import tensorflow as tf
+
+    @keras.saving.register_keras_serializable(package="resnet_cifar")
+    class FusedBatchNormalization(keras.layers.BatchNormalization):
+        """Keras's BatchNormalization computed by TensorFlow's one fused kernel (FusedBatchNormV3).
+        Batch statistics, moving averages (biased batch variance, as Keras) and epsilon are Keras's."""
+
+        def _fusable(self, inputs, mask):
+            return (mask is None and not self.synchronized and not self.renorm and self.scale and self.center
+                    and len(inputs.shape) == 4 and self.axis in (-1, 3))
+
+        def call(self, inputs, training=None, mask=None):
+            if not self._fusable(inputs, mask):
+                return super().call(inputs, training=training, mask=mask)
+            x = inputs if inputs.dtype in (tf.float16, tf.bfloat16, tf.float32) else tf.cast(inputs, "float32")
+            train = bool(training and self.trainable)
+            empty = tf.constant([], "float32")
+            y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                x=x, scale=tf.cast(self.gamma, "float32"), offset=tf.cast(self.beta, "float32"),
+                mean=empty if train else tf.cast(self.moving_mean, "float32"),
+                variance=empty if train else tf.cast(self.moving_variance, "float32"),
+                epsilon=self.epsilon, data_format="NHWC", is_training=train)
+            if train:
+                n = tf.cast(tf.size(x) // tf.shape(x)[-1], "float32")
+                variance = variance * ((n - 1.0) / n)  # the kernel returns the unbiased variance; Keras's is biased
+                for average, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+                    average.assign(average * self.momentum + batch * (1.0 - self.momentum))
+            return tf.cast(y, self.compute_dtype)
+
+    return FusedBatchNormalization
+
+
+def with_batch_normalization(model, cls):
+    """`model` with every BatchNormalization layer of class `cls`, same names and weights (a copy, or
+    `model` itself when nothing changes)."""
+    import keras
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if all(type(layer) is cls for layer in norms):
+        return model
+
+    def clone(layer):
+        layer_class = cls if isinstance(layer, keras.layers.BatchNormalization) else layer.__class__
+        return layer_class.from_config(layer.get_config())
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for layer in model.layers:
+        copy.get_layer(layer.name).set_weights(layer.get_weights())
+    return copy
+
+
+# 5. Two bugs of Keras 3.15 with MultiWorkerMirroredStrategy (keras-team/keras#20585), worked around through
+# two private hooks (model._symbolic_build, model._maybe_symbolic_build):
+# - TensorFlow's fit() first reduces the first batch across replicas with strategy.reduce("MEAN") to build the
+#   compile state, which MultiWorkerMirroredStrategy cannot do across workers ("Attempt to convert a value
+#   (PerReplica...)"): the state is built once in the strategy's scope from the batch's shapes instead;
+# - every step's logs are reduced with strategy.reduce("MEAN", axis=0), which fails on scalars ("Invalid
+#   reduction dimension 0"): each replica's step returns its logs as 1-element vectors.
+# Remove when tests/test_multiworker.py passes without it (the issue closed, or a Keras upgrade changes the
+# hooks: that test then fails first).
+def prepare_multi_worker_fit(model, batch_size, processes):
+    import keras
+    if processes == 1 or keras.backend.backend() != "tensorflow":
+        return
+    model._symbolic_build(data_batch=(keras.KerasTensor((batch_size, 32, 32, 3), "uint8"),
+                                      keras.KerasTensor((batch_size,), "int32")))
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    for name in ("train_step", "test_step"):
+        setattr(model, name, functools.partial(_logs_as_vectors, getattr(model, name)))
+
+
+def _logs_as_vectors(step, data):
+    import tensorflow as tf
+    return tf.nest.map_structure(lambda value: tf.reshape(value, [1]), step(data))
+
+
+# 6. Steps per execution the backend can run. Inside TensorFlow's MirroredStrategy, Keras 3.15's multi-step
+# loop fails ("Detected at node while/cond/Placeholder"); Keras on PyTorch refuses anything but 1
+# ("steps_per_execution must be 1 with the PyTorch backend"). Remove an entry when Keras lifts that limit
+# (a two-device --distribute run with --steps-per-execution 4, or a torch run with 4, then succeeds).
+def steps_per_execution_limit(backend, distribute):
+    """(the most steps per execution, why) for this backend and mode; (None, None) when unlimited."""
+    if backend == "torch":
+        return 1, "Keras runs one step per execution on the PyTorch backend"
+    if backend == "tensorflow" and distribute:
+        return 1, "Keras's multi-step loop fails inside TensorFlow's MirroredStrategy"
+    return None, None
+
+
+# 7. Keras builds, saves and loads a functional model by walking its layer graph recursively, a few Python
+# frames per layer: ResNet-1001's 3,000+ layers need about 10,000. Python's default limit is 1,000 and importing
+# TensorFlow sets it to 3,000, so devices.configure_backend raises it after the framework is imported.
+# Remove when Keras walks the graph iteratively (ResNet-1001 then saves and loads at the default limit).
+RECURSION_LIMIT = 20_000
