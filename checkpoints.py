@@ -22,8 +22,9 @@ from outputs import atomic_write
 from workarounds import with_batch_normalization
 
 
-# What must match for --resume to continue a run's saved state.
-RESUME_KEYS = ("model", "params", "dataset", "train_images", "batch_size", "seed", "precision")
+# What must match for --resume to continue a run's saved state (--epochs may change: a run can be extended).
+RESUME_KEYS = ("model", "params", "dataset", "train_images", "batch_size", "seed", "precision", "lr_schedule",
+               "weight_decay")
 
 
 def save_model(model, *paths):
@@ -47,14 +48,41 @@ def save_state(model, path, history, config):
     atomic_write(path, write)
 
 
-def restore_state(model, path, config):
-    """The history saved with the state at `path` (weights and optimizer state loaded into `model`)."""
-    import warnings
-
+def read_state_record(path):
+    """The JSON record saved with the resume state at `path` (the history and RESUME_KEYS), read with h5py
+    alone (no framework); UsageError naming the file if it is unreadable, truncated or incomplete."""
     import h5py
     try:
         with h5py.File(path, "r") as f:
-            saved = json.loads(f.attrs["resume"])
+            text = f.attrs["resume"]
+        saved = json.loads(text.decode() if isinstance(text, bytes) else text)
+        missing = [k for k in ("history", *RESUME_KEYS) if k not in saved]
+        if missing:
+            raise ValueError(f"its record lacks {', '.join(missing)} (saved by another version?)")
+        if not isinstance(saved["history"], list) or not all(isinstance(row, dict) for row in saved["history"]):
+            raise ValueError("its history is not a list of epochs")
+    except Exception as error:  # zero bytes, truncated, not HDF5, no record, not JSON
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"cannot resume from {path}: {reason} (rerun without --resume and with --overwrite to "
+                         "start over)") from None
+    return saved
+
+
+def check_resume(saved, record, path):
+    """UsageError naming every setting of `record` (this command's) that differs from the saved state's."""
+    changed = [k for k in RESUME_KEYS if saved[k] != record[k]]
+    if changed:
+        raise UsageError(f"cannot resume from {path}: it was saved with a different "
+                         + ", ".join(f"{k} ({saved[k]} vs {record[k]} now)" for k in changed)
+                         + "; rerun with the same settings, or choose another --run-name")
+
+
+def restore_state(model, path, config):
+    """The history saved with the state at `path` (weights and optimizer state loaded into `model`)."""
+    import warnings
+    saved = read_state_record(path)
+    check_resume(saved, config, path)
+    try:
         model.optimizer.build(model.trainable_variables)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -64,12 +92,7 @@ def restore_state(model, path, config):
             raise ValueError(skipped[0].strip())
     except Exception as error:
         raise UsageError(f"cannot resume from {path}: {str(error).splitlines()[0]} "
-                         "(rerun without --resume to start over)") from None
-    changed = [k for k in RESUME_KEYS if saved[k] != config[k]]
-    if changed:
-        raise UsageError(f"cannot resume from {path}: it was saved with a different "
-                         + ", ".join(f"{k} ({saved[k]} vs {config[k]} now)" for k in changed)
-                         + "; rerun without --resume to start over, or choose another --run-name")
+                         "(rerun without --resume and with --overwrite to start over)") from None
     return saved["history"]
 
 
@@ -85,14 +108,31 @@ SAFE_MODULES = frozenset({None, "keras", "keras.layers", "keras.initializers", "
 SAFE_ACTIVATIONS = frozenset({"relu", "softmax", "linear"})
 
 
+# The largest model configuration read: ResNet-1001's, the biggest of this project, is about 4 MB of JSON.
+MAX_MODEL_CONFIG = 32 * 2**20
+
+
 def _model_config(path):
-    """The model's configuration as saved, read as JSON without Keras: config.json in a .keras archive,
-    the model_config attribute of an .h5."""
+    """The model's configuration as saved, read as JSON without Keras and never more than MAX_MODEL_CONFIG
+    bytes of it: config.json in a .keras archive, the model_config attribute of an .h5 (bounded by the file's
+    bytes outside its weight datasets, since attributes are stored uncompressed)."""
+    too_big = ValueError(f"its model configuration is larger than {MAX_MODEL_CONFIG // 2**20} MB")
     if path.endswith(".keras"):
         with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read("config.json"))
+            if archive.getinfo("config.json").file_size > MAX_MODEL_CONFIG:
+                raise too_big
+            with archive.open("config.json") as member:
+                text = member.read(MAX_MODEL_CONFIG + 1)  # the size in the header may lie
+        if len(text) > MAX_MODEL_CONFIG:
+            raise too_big
+        return json.loads(text)
     import h5py
     with h5py.File(path, "r") as f:
+        data_bytes = []
+        f.visititems(lambda _, item: data_bytes.append(item.id.get_storage_size())
+                     if isinstance(item, h5py.Dataset) else None)
+        if os.path.getsize(path) - sum(data_bytes) > MAX_MODEL_CONFIG:
+            raise too_big
         text = f.attrs["model_config"]
     return json.loads(text.decode() if isinstance(text, bytes) else text)
 
@@ -108,12 +148,13 @@ def unsafe_entries(config):
         elif isinstance(node, dict):
             if "class_name" in node or "module" in node:
                 module, name = node.get("module"), node.get("class_name")
-                if (module not in SAFE_MODULES or name not in SAFE_CLASSES
+                if (not isinstance(module, (str, type(None))) or not isinstance(name, (str, type(None)))
+                        or module not in SAFE_MODULES or name not in SAFE_CLASSES
                         or node.get("registered_name") not in (None, name)):
-                    found.append(f"{module}.{name}" if module else str(name))
+                    found.append((f"{module}.{name}" if module else str(name))[:80])
             activation = node.get("activation")
-            if activation is not None and activation not in SAFE_ACTIVATIONS:
-                found.append(f"activation {activation!r}")
+            if activation is not None and (not isinstance(activation, str) or activation not in SAFE_ACTIVATIONS):
+                found.append(f"activation {activation!r}"[:80])
             stack.extend(node.values())
     return found
 

@@ -5,10 +5,12 @@ keras.datasets does), so a hostile file cannot run code. A missing, truncated or
 of the wrong shape or labels out of range are reported as one line naming the file (UsageError).
 Without --data-dir the data come through keras.datasets (downloaded once to ~/.keras/datasets).
 """
+import gzip
 import io
 import os
 import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +49,7 @@ class ArrayOnlyUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"),  # numpy < 2
         ("numpy._core.multiarray", "_reconstruct"),  # numpy >= 2
         ("_codecs", "encode"),  # array bytes in protocol-2 pickles written by Python 3: text -> bytes only
+        ("__builtin__", "bytes"), ("builtins", "bytes"),  # an empty array's bytes in a protocol-2 pickle
     })
 
     def find_class(self, module, name):
@@ -63,11 +66,17 @@ def _read_batch(fileobj, where, label_key, classes):
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         raise UsageError(f"{where} is not a CIFAR batch: it needs b'data' and {label_key!r} "
                          "(is --dataset right?)")
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[label_key])
+    try:
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[label_key])
+    except (ValueError, TypeError) as error:  # ragged lists, mixed types
+        raise UsageError(f"{where}: images and labels must be regular arrays ({error}); re-download or rebuild "
+                         "the data") from None
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
         raise UsageError(f"{where}: images must be uint8 rows of 3072 pixels, got {data.dtype} "
                          f"{data.shape} (re-download or rebuild the data)")
+    if len(data) == 0:
+        raise UsageError(f"{where} holds no images (re-download or rebuild the data)")
     if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
         raise UsageError(f"{where}: expected {len(data)} integer labels, got {labels.shape}")
     if len(labels) and (labels.min() < 0 or labels.max() >= classes):
@@ -93,6 +102,17 @@ def find_local_data(data_dir, dataset):
                      f"(download {spec.title} 'python version' there)")
 
 
+def _check_gzip_stream(path):
+    """Reads a .gz archive through to its end, so that damage anywhere (the CRC at the end included) is an error
+    here: tarfile alone stops quietly at a damaged header in the middle, and its members after it look missing."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return
+    with gzip.open(path, "rb") as stream:
+        while stream.read(2**22):
+            pass
+
+
 def load_local(source, dataset, files):
     """Concatenated (images, labels) from the official batch files, in a folder or a .tar.gz."""
     spec = DATASETS[dataset]
@@ -106,16 +126,20 @@ def load_local(source, dataset, files):
                 parts.append(_read_batch(f, path, spec.label_key, spec.classes))
     else:
         try:
+            _check_gzip_stream(source)
             with tarfile.open(source, "r:*") as tar:
-                for name in files:
+                members = {member.name: member for member in tar.getmembers()}  # reads the whole archive once:
+                for name in files:                                              # corruption shows here
                     where = f"{source}:{spec.folder}/{name}"
-                    try:
-                        member = tar.extractfile(f"{spec.folder}/{name}")
-                    except KeyError:
-                        raise UsageError(f"{where} is missing (re-download the archive)") from None
-                    parts.append(_read_batch(io.BytesIO(member.read()), where, spec.label_key, spec.classes))
-        except (tarfile.TarError, OSError, EOFError) as error:
-            raise UsageError(f"cannot read {source}: {error} (re-download the archive)") from None
+                    member = members.get(f"{spec.folder}/{name}")
+                    if member is None:
+                        raise UsageError(f"{where} is missing (re-download the archive)")
+                    if not member.isfile():
+                        raise UsageError(f"{where} is not a file (re-download the archive)")
+                    parts.append(_read_batch(io.BytesIO(tar.extractfile(member).read()), where, spec.label_key,
+                                             spec.classes))
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+            raise UsageError(f"cannot read {source}: {error} (the archive is damaged: re-download it)") from None
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 

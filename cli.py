@@ -10,6 +10,7 @@ import math
 
 import recipe
 import run_config
+import runs
 from cifar_data import DATASETS
 from devices import PRECISIONS
 from distributed import WAIT_TIMEOUT_S
@@ -109,6 +110,23 @@ def stack_n(text):
     return value
 
 
+MAX_WAIT_TIMEOUT_S = 7 * 24 * 3600  # a week: any real wait is far shorter; XLA's flag parser needs a bounded value
+
+
+def wait_timeout(text):
+    value = _positive_float(text)
+    if value > MAX_WAIT_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WAIT_TIMEOUT_S} seconds (a week), got {text!r}")
+    return value
+
+
+def run_name(text):
+    try:
+        return runs.check_run_name(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error).replace(f"--run-name ", "", 1)) from None
+
+
 def lr_schedule(text):
     try:
         return recipe.parse_lr_schedule(text)
@@ -160,16 +178,23 @@ def make_parser(description, add_arguments):
                             "(TensorFlow reads the standard TF_CONFIG instead)")
     scale.add_argument("--num-processes", type=positive_int, metavar="N", help="processes in the JAX cluster")
     scale.add_argument("--process-id", type=_int_at_least(0), metavar="I", help="this process, 0 to N-1; 0 writes")
-    scale.add_argument("--wait-timeout", type=_positive_float, default=WAIT_TIMEOUT_S, metavar="S",
+    scale.add_argument("--wait-timeout", type=wait_timeout, default=WAIT_TIMEOUT_S, metavar="S",
                        help="with --distribute, end the run (exit code 1) when no step finishes for S seconds, "
-                            f"e.g. a worker that never comes (default {WAIT_TIMEOUT_S})")
+                            f"e.g. a worker that never comes (default {WAIT_TIMEOUT_S}, at most {MAX_WAIT_TIMEOUT_S})")
     out = parser.add_argument_group("outputs")
-    out.add_argument("--run-name", help="default: <model>_<dataset>, e.g. resnet32_e_cifar10")
+    out.add_argument("--run-name", type=run_name,
+                     help="default: <model>_<dataset> plus what differs from the defaults: _s<seed> _e<epochs> "
+                          "_lr<schedule hash> _wd<weight decay> _b<batch> _n<training images>, e.g. "
+                          "resnet32_e_cifar10, resnet20_e_cifar10_s1_e2_n2000")
     out.add_argument("--log-dir", default="logs", help="TensorBoard logs go to LOG_DIR/<run-name>/")
     out.add_argument("--checkpoint-dir", default="checkpoints",
                      help="<run-name>.h5 and .keras (the model), .csv (history) and .json (configuration)")
     out.add_argument("--resume", action="store_true",
-                     help="continue an interrupted run from its last completed epoch (same command plus --resume)")
+                     help="continue an interrupted run from its last completed epoch (same command plus --resume; "
+                          "--epochs may be raised)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start over, replacing the files of an earlier run of the same name (without it, and "
+                          "without --resume, a run refuses to touch them)")
     out.add_argument("--verbose", type=int, choices=(0, 1, 2),
                      help="Keras progress: 1 bar, 2 one line per epoch (default: 1 on a terminal, else 2)")
     modes = parser.add_mutually_exclusive_group()

@@ -15,10 +15,12 @@ Import-safe: Keras (and through it TensorFlow, JAX or PyTorch) is imported insid
 after the command line and every path have been checked.
 """
 import contextlib
+import errno
 import importlib.util
 import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -27,15 +29,16 @@ import numpy as np
 
 import cli
 import distributed
-from checkpoints import check_model_file, load_model_safely, save_model
+import runs
+from checkpoints import check_model_file, check_resume, load_model_safely, read_state_record, save_model
 from cifar_data import DATASETS, find_local_data, load_data
 from devices import configure_backend, where_it_trains
 from distributed import Watchdog, distribution, synchronize_batch_norm
-from errors import TrainingError, UsageError
-from outputs import (CHECKPOINT_FILES, check_writable_dir, final_line, private_run_paths, remove_stale_temporaries,
-                     run_paths, write_text)
+from errors import Preempted, TrainingError, UsageError
+from outputs import (CHECKPOINT_FILES, check_free_space, check_writable_dir, final_line, no_space_message,
+                     private_run_paths, remove_stale_temporaries, run_paths, write_text)
 from recipe import MOMENTUM, NESTEROV, compile_model
-from training import EVAL_BATCH_SIZE, fit
+from training import EVAL_BATCH_SIZE, checkpoint_bytes, fit
 from workarounds import (batch_normalization_class, batches, prepare_multi_worker_fit, resolve_jit_compile,
                          with_batch_normalization)
 
@@ -43,6 +46,8 @@ from workarounds import (batch_normalization_class, batches, prepare_multi_worke
 def main(description, add_arguments, run_name, build_model, resolve=None, argv=None):
     """Parse and check everything, then train, evaluate or summarize. Bad input: one line, exit 2."""
     prog = os.path.basename(sys.argv[0])
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _preempt)
     try:
         config = cli.parse(argv, add_arguments, resolve, run_name, description)
         _run(config, build_model)
@@ -50,11 +55,28 @@ def main(description, add_arguments, run_name, build_model, resolve=None, argv=N
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     except TrainingError as error:
-        print(f"{prog}: training failed: {error}", file=sys.stderr)
-        sys.exit(1)
+        print(f"{prog}: training failed: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # no interpreter shutdown: a lost worker's collectives would abort it with a core dump
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Preempted as stop:
+        command = shlex.join([prog, *(a for a in sys.argv[1:] if a != "--overwrite"), "--resume"]
+                             if "--resume" not in sys.argv else [prog, *sys.argv[1:]])
+        print(f"{prog}: stopped by {signal.Signals(stop.signum).name}; every completed epoch is saved, "
+              f"continue with: {command}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+
+
+# What a scheduler sends before it stops a job: SIGTERM (SLURM, Kubernetes), SIGUSR1 (SLURM's --signal warning).
+# The run stops where it is, keeps its last completed epoch (saved atomically after each epoch) and exits with
+# 128 + the signal's number (143, 138); the same command with --resume continues exactly as after kill -9.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _preempt(signum, frame):
+    raise Preempted(signum)
 
 
 def _run(config, build_model):
@@ -70,15 +92,32 @@ def _run(config, build_model):
         find_local_data(config.data_dir, config.dataset)
     if config.evaluate:
         return _evaluate(config, spec)
-    if cluster.chief:  # the only process that writes
-        check_writable_dir(config.checkpoint_dir, "--checkpoint-dir")
-        check_writable_dir(os.path.join(config.log_dir, name), "--log-dir")
     if importlib.util.find_spec("tensorboard") is None:  # the scalar log needs it: say so now, not after an epoch
         raise UsageError("the tensorboard package is missing; fix: pip install tensorboard")
     paths = run_paths(config.checkpoint_dir, config.log_dir, name)
-    if config.resume and not cluster.chief and not os.path.isfile(paths["state"]):  # before joining the others
-        raise UsageError(f"--resume: {cluster.kind} cannot read the chief's state {paths['state']} (give every "
-                         "worker the same --checkpoint-dir on a shared folder, or rerun all without --resume)")
+    with contextlib.ExitStack() as owner:
+        saved_state = None
+        if cluster.chief:  # the only process that writes: it owns the run's files
+            check_writable_dir(config.checkpoint_dir, "--checkpoint-dir")
+            owner.enter_context(runs.RunLock(config.checkpoint_dir, name))
+            check_writable_dir(os.path.join(config.log_dir, name), "--log-dir")
+            runs.refuse_to_clobber(paths, name, config.resume, config.overwrite)
+        if config.resume and os.path.isfile(paths["state"]):
+            saved_state = read_state_record(paths["state"])
+        elif config.resume and not cluster.chief:  # before joining the others
+            raise UsageError(f"--resume: {cluster.kind} cannot read the chief's state {paths['state']} (give every "
+                             "worker the same --checkpoint-dir on a shared folder, or rerun all without --resume)")
+        try:
+            _train(config, build_model, cluster, spec, paths, saved_state)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            folder = os.path.dirname(error.filename or "") or config.checkpoint_dir
+            raise TrainingError(no_space_message(folder)) from None
+
+
+def _train(config, build_model, cluster, spec, paths, saved_state):
+    name = config.run_name
     data = load_data(config)
     if len(data[0][0]) < config.batch_size:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(data[0][0])} training images "
@@ -88,6 +127,8 @@ def _run(config, build_model):
     backend = configure_backend(config.precision, config.cpu_devices, collective_timeout=2 * config.wait_timeout)
     if backend != config.backend:
         raise UsageError(f"Keras started {backend}, not {config.backend}: set KERAS_BACKEND explicitly")
+    for signum in STOP_SIGNALS:  # again: a framework may have set its own handler while starting
+        signal.signal(signum, _preempt)
     import keras
     with contextlib.ExitStack() as stack:
         # Joining the other processes is bounded by --wait-timeout on its own (jax.distributed's timeout,
@@ -108,8 +149,14 @@ def _run(config, build_model):
         with scope:
             model = build_model(config, spec.classes)
             record = run_record(config, model, data, paths, devices, cluster.processes)
+            if saved_state is not None:  # every setting compared before anything is written
+                check_resume(saved_state, record, paths["state"])
             remove_stale_temporaries(os.path.dirname(writes["h5"]),
                                      {os.path.basename(writes[k]) for k in CHECKPOINT_FILES})
+            if config.overwrite:  # the earlier run's files go only now, once everything has been checked
+                for key in (*CHECKPOINT_FILES, "log_csv", "log_json"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(writes[key])
             for key in ("json", "log_json"):
                 write_text(writes[key], json.dumps(record, indent=2) + "\n")
             if config.distribute and backend == "tensorflow":
@@ -121,10 +168,13 @@ def _run(config, build_model):
                 history, seconds, images_per_s = fit(model, config, data, writes, record, cluster,
                                                      watchdog.beat if watchdog else None, resume_from=paths["state"])
             except Exception as error:  # a worker or device lost mid-run: the framework's error, one line
-                if config.distribute and distributed.is_runtime_error(error):
-                    raise TrainingError(f"{cluster.kind}: {str(error).strip().splitlines()[0][:300]}") from None
+                if config.distribute and (cluster.processes > 1 or distributed.is_runtime_error(error)):
+                    message = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+                    raise TrainingError(f"{cluster.kind}: {message} (a worker or device was lost; every "
+                                        "completed epoch is saved: rerun all with --resume)") from None
                 raise
             synchronize_batch_norm(model, False)
+            check_free_space(os.path.dirname(writes["h5"]) or ".", 2 * checkpoint_bytes(record["params"]))
             save_model(model, writes["h5"], writes["keras"])
     if cluster.chief:
         print(f"saved {paths['h5']} and {paths['keras']}, history {paths['csv']}, configuration {paths['json']}, "
@@ -167,9 +217,13 @@ def _evaluate(config, spec):
     seconds = time.perf_counter() - start
     saved = os.path.splitext(path)[0] + ".json"
     epochs = 0
-    if os.path.isfile(saved):
-        with open(saved) as f:
-            epochs = json.load(f).get("epochs", 0)
+    if os.path.isfile(saved):  # the run's configuration beside it, for its epoch count
+        try:
+            with open(saved) as f:
+                epochs = int(json.load(f).get("epochs", 0))
+        except (OSError, ValueError, TypeError, AttributeError) as error:
+            raise UsageError(f"cannot read {saved}, the configuration beside {path} ({type(error).__name__}): fix or "
+                             "remove it") from None
     run = os.path.splitext(os.path.basename(path))[0]
     print(final_line(run=run, epochs=epochs, params=model.count_params(), test_acc=f"{accuracy:.4f}",
                      test_loss=f"{loss:.4f}", train_images_per_s="0.0", seconds=f"{seconds:.1f}"))

@@ -61,8 +61,10 @@ def tf_config_cluster():
                          f"worker tasks); {example}")
     chief = (kind, index) == (("chief", 0) if "chief" in cluster else ("worker", 0))
     addresses = tuple(cluster[role][i] for role, i in members)
-    if not all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in addresses):
-        raise UsageError(f"TF_CONFIG's cluster addresses must be host:port strings, got {list(addresses)}; {example}")
+    if not all(isinstance(a, str) and a.rpartition(":")[0] and a.rpartition(":")[2].isdigit()
+               and 0 < int(a.rpartition(":")[2]) < 65536 for a in addresses):
+        raise UsageError(f"TF_CONFIG's cluster addresses must be host:port strings with a port from 1 to 65535, "
+                         f"got {list(addresses)[:4]}; {example}")
     return Cluster(len(members), members.index((kind, index)), chief, f"TF_CONFIG {kind} {index} of {len(members)}",
                    addresses)
 
@@ -116,6 +118,9 @@ def wait_for_peers(cluster, timeout):
 def check(config):
     """The scale-out flags, before any framework starts: the three JAX flags together, a port, the process
     index in range, TF_CONFIG readable. Returns this process's Cluster."""
+    if config.distribute and config.backend == "torch":
+        raise UsageError("--distribute is not supported on the PyTorch backend (use KERAS_BACKEND=jax or "
+                         "tensorflow, or train without --distribute)")
     given = [flag for flag, value in (("--coordinator", config.coordinator), ("--num-processes", config.num_processes),
                                       ("--process-id", config.process_id)) if value is not None]
     if given and len(given) < 3:
@@ -157,7 +162,11 @@ def gather_processes(coordinator, processes, index, timeout):
                 with contextlib.suppress(socket.timeout, OSError):
                     connection, _ = listener.accept()
                     connection.settimeout(5)
-                    arrived[int(connection.recv(16).decode() or -1)] = connection
+                    index = _process_index(connection.recv(16), processes)
+                    if index is None:  # not one of ours (a port scan, a stray client): ignored
+                        connection.close()
+                        continue
+                    arrived[index] = connection
             for connection in arrived.values():
                 with connection, contextlib.suppress(OSError):
                     connection.sendall(b"go" if len(arrived) == processes - 1 else b"no")
@@ -180,6 +189,14 @@ def gather_processes(coordinator, processes, index, timeout):
     raise TrainingError(f"JAX process {index} of {processes}: no answer from process 0 at --coordinator "
                         f"{coordinator} within {timeout:g} s (start all of them with the same command, or raise "
                         "--wait-timeout)")
+
+
+def _process_index(message, processes):
+    """The index a joining process sends (its decimal --process-id), or None for anything else."""
+    text = message.decode("ascii", errors="replace").strip()
+    if not text.isdigit() or len(text) > 6 or not 1 <= int(text) < processes:
+        return None
+    return int(text)
 
 
 def start_processes(config):

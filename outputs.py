@@ -8,10 +8,11 @@ start. The TensorBoard files are written with the tensorboard package alone, so 
 import csv
 import io
 import os
+import shutil
 import tempfile
 import time
 
-from errors import UsageError
+from errors import TrainingError, UsageError
 
 
 # A run's files: the checkpoint folder's (the model twice, history, configuration, resume state) and the
@@ -39,7 +40,11 @@ def private_run_paths(folder, name):
     return paths
 
 
+MIN_FREE_BYTES = 32 * 2**20  # a run's smallest files (configuration, history, ResNet-8's checkpoints) fit many times
+
+
 def check_writable_dir(path, flag):
+    """UsageError unless `path` is (or can be made) a writable folder with MIN_FREE_BYTES free."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a file, not a folder (choose another {flag})")
     try:
@@ -48,6 +53,25 @@ def check_writable_dir(path, flag):
             pass
     except OSError as error:
         raise UsageError(f"{flag} {path!r} is not writable ({error.strerror}); choose another {flag}") from None
+    free = shutil.disk_usage(path).free
+    if free < MIN_FREE_BYTES:
+        raise UsageError(f"{flag} {path!r} is full ({free / 2**20:.1f} MB free, at least "
+                         f"{MIN_FREE_BYTES // 2**20} MB needed): free some space or choose another {flag}")
+
+
+def check_free_space(folder, needed):
+    """TrainingError when the device of `folder` has fewer than `needed` bytes free: checked before every
+    checkpoint, since h5py may crash the process on a full disk instead of raising."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise TrainingError(no_space_message(folder, free, needed))
+
+
+def no_space_message(folder, free=None, needed=None):
+    free = shutil.disk_usage(folder).free if free is None else free
+    wanted = f", {needed / 2**20:.1f} MB needed" if needed else ""
+    return (f"no space left in {folder} ({free / 2**20:.1f} MB free{wanted}); every completed epoch is saved: "
+            "free some space, then rerun the same command with --resume")
 
 
 TMP_PREFIX = ".tmp-"
@@ -98,11 +122,13 @@ def write_history(path, history):
 
 
 class ScalarLog:
-    """TensorBoard scalars per epoch, written through the tensorboard package alone (Keras's TensorBoard
-    callback needs TensorFlow, which a JAX or PyTorch run must not need). Train and test curves go to
+    """TensorBoard scalars per epoch, written through the tensorboard package alone, never through TensorFlow
+    (Keras's TensorBoard callback needs TensorFlow, which a JAX or PyTorch run must not import). Train and test curves go to
     <run>/train and <run>/test with the same tags, so TensorBoard draws them on one chart."""
 
     def __init__(self, run_dir):
+        from workarounds import tensorboard_without_tensorflow
+        tensorboard_without_tensorflow()
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
         self.writers = {split: EventFileWriter(os.path.join(run_dir, split)) for split in ("train", "test")}
 

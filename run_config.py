@@ -5,15 +5,17 @@ checkpoint and in the log folder). Change "how a run's settings are saved" here.
 
 Import-safe and framework-free: it is built before any framework starts, so a bad setting is one line.
 """
+import argparse
 import dataclasses
 import types
 from dataclasses import dataclass, field
 
 import devices
 import recipe
+import runs
 
 # Flags that choose what the command does rather than how a run trains: never saved.
-MODES = ("summary", "evaluate", "resume")
+MODES = ("summary", "evaluate", "resume", "overwrite")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class RunConfig:
     summary: bool = False
     evaluate: object = None
     resume: bool = False
+    overwrite: bool = False
     # the family script's own flags (depth, unit, ...), resolved; read as attributes: config.stack_n
     family: types.MappingProxyType = field(default_factory=lambda: types.MappingProxyType({}))
 
@@ -75,9 +78,7 @@ def resolve(args, family_resolve=None, run_name=None):
     """The RunConfig of parsed `args` (an argparse.Namespace, only read). family_resolve(args) returns the
     family's resolved values (its own flags' defaults, a recipe of its own) or raises UsageError;
     run_name(settings) gives the model part of the default run name, e.g. "resnet32_e"."""
-    values = vars(args).copy()
-    if family_resolve:
-        values.update(family_resolve(args))
+    values = {**vars(args), **(family_resolve(args) if family_resolve else {})}
     for key, default in recipe.DEFAULTS.items():
         if values.get(key) is None:
             values[key] = default
@@ -89,5 +90,20 @@ def resolve(args, family_resolve=None, run_name=None):
     common = {key: values.pop(key) for key in list(values) if key in COMMON}
     config = RunConfig(backend=backend, family=types.MappingProxyType(values), **common)
     if config.run_name is None and run_name is not None:
-        config = dataclasses.replace(config, run_name=f"{run_name(config)}_{config.dataset}")
+        name = runs.default_run_name(run_name(config), config.dataset, values_of(config),
+                                     family_defaults(args, family_resolve))
+        config = dataclasses.replace(config, run_name=name)
     return config
+
+
+def values_of(config):
+    return {key: getattr(config, key) for key in ("seed", "epochs", "lr_schedule", "weight_decay", "batch_size",
+                                                  "train_limit")}
+
+
+def family_defaults(args, family_resolve):
+    """What the recipe settings would be with none of them given on the command line (for the run name)."""
+    unset = argparse.Namespace(**{**vars(args), "epochs": None, "lr_schedule": None, "weight_decay": None})
+    resolved = family_resolve(unset) if family_resolve else {}
+    defaults = {key: resolved.get(key, default) for key, default in recipe.DEFAULTS.items()}
+    return {**defaults, "seed": recipe.SEED, "batch_size": recipe.BATCH_SIZE}

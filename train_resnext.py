@@ -143,7 +143,8 @@ def resolve(args):
 
 
 def run_name(config):
-    return f"resnext{config.depth}_{config.cardinality}x{config.width}d_{config.impl}"
+    recipe_tag = "" if config.recipe == "resnext" else f"_{config.recipe}recipe"
+    return f"resnext{config.depth}_{config.cardinality}x{config.width}d_{config.impl}{recipe_tag}"
 
 
 def build_model(config, classes):

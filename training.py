@@ -18,7 +18,7 @@ from checkpoints import restore_state, save_state
 from distributed import Cluster, process_share
 from errors import TrainingError
 from recipe import lr_at_epoch
-from outputs import ScalarLog, clear_old_events, write_history
+from outputs import ScalarLog, check_free_space, clear_old_events, write_history
 from workarounds import batches
 
 EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for a backward pass: bigger batches, same numbers
@@ -26,6 +26,12 @@ EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for a backward pass: b
 # checked for NaN: enough to keep a GPU's queue full, and the bound on how far a NaN run goes on.
 MAX_UNCHECKED_EXECUTIONS = 8
 CHECK_WAIT_S = 60  # ... unless one check takes longer: then the host goes on (a step over a minute long)
+
+
+def checkpoint_bytes(params):
+    """Room to leave for one checkpoint of a model of `params` parameters: weights and momentum in float32,
+    its temporary twin beside it while it is written, and a megabyte of metadata."""
+    return 3 * 4 * params + 2**20
 
 
 def reseed_augmentation(model, seed, epoch):
@@ -182,6 +188,7 @@ def fit(model, config, data, paths, record, cluster=Cluster(), beat=None, resume
                             "test_loss": logs["val_loss"], "test_accuracy": logs["val_accuracy"],
                             "learning_rate": lr_at_epoch(config.lr_schedule, epoch),
                             "seconds": round(time.perf_counter() - epoch_start, 3)})
+            check_free_space(os.path.dirname(paths["state"]) or ".", checkpoint_bytes(record["params"]))
             save_state(model, paths["state"], history, record)
             write_histories()
             log.write(history[-1])

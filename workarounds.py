@@ -10,6 +10,7 @@ said otherwise) and when to remove it. Import-safe: the frameworks are imported 
 5. prepare_multi_worker_fit  fit() fails under MultiWorkerMirroredStrategy (keras-team/keras#20585).
 6. steps_per_execution_limit  the multi-step loop fails inside MirroredStrategy; torch refuses N > 1.
 7. RECURSION_LIMIT       Keras walks the layer graph recursively: ResNet-1001 needs ~10,000 frames.
+8. tensorboard_without_tensorflow  tensorboard's event writer imports TensorFlow when it is installed.
 """
 import functools
 import itertools
@@ -210,3 +211,14 @@ def steps_per_execution_limit(backend, distribute):
 # TensorFlow sets it to 3,000, so devices.configure_backend raises it after the framework is imported.
 # Remove when Keras walks the graph iteratively (ResNet-1001 then saves and loads at the default limit).
 RECURSION_LIMIT = 20_000
+
+
+# 8. tensorboard's event writer (tensorboard.summary.writer) reaches the file system through tensorboard.compat.tf,
+# which imports TensorFlow whenever it is installed (tensorboard 2.21): a JAX or PyTorch run then starts
+# TensorFlow, prints its start-up lines and takes its memory. tensorboard's own switch for its pure-Python stub is
+# the presence of a module named tensorboard.compat.notf (its "no_tensorflow" build target): registered here,
+# before the writer is imported. Remove when tensorboard's writer stops importing TensorFlow.
+def tensorboard_without_tensorflow():
+    import sys
+    import types
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))

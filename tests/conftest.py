@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 
@@ -53,6 +54,17 @@ def assert_refused(result, *words):
     return lines[0]
 
 
+def free_ports(n):
+    """n TCP ports free on 127.0.0.1 a moment ago."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def final_fields(stdout):
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("final: "), last
@@ -77,7 +89,8 @@ def cifar100_dir(tmp_path_factory):
 
 
 EPOCHS = 3
-TINY_RUN = ["--stack-n", "1", "--batch-size", "32", "--epochs", EPOCHS, "--lr-schedule", "0:0.05,2:0.02"]
+TINY_RUN = ["--stack-n", "1", "--batch-size", "32", "--epochs", EPOCHS, "--lr-schedule", "0:0.05,2:0.02",
+            "--run-name", "resnet8_e_cifar10"]
 
 
 @pytest.fixture(scope="session", params=["tensorflow", "jax"])

@@ -7,7 +7,7 @@ import pytest
 import train_resnet_variants
 from conftest import build, run_script
 
-RUNS = {"resnet8_e_cifar10": ["--unit", "e"], "plain8_e_cifar10": ["--unit", "e", "--plain"]}
+RUNS = {"resnet8_e_cifar10_e2_b32": ["--unit", "e"], "plain8_e_cifar10_e2_b32": ["--unit", "e", "--plain"]}
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +37,13 @@ def test_figure_and_table(two_runs):
 
 
 def test_run_folder_path_works_too(two_runs):
-    result = run_script("compare.py", two_runs / "logs" / "resnet8_e_cifar10", "--out", two_runs / "one.png")
+    result = run_script("compare.py", two_runs / "logs" / "resnet8_e_cifar10_e2_b32", "--out", two_runs / "one.png")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"\| resnet8_e_cifar10 \| resnet8_e \| 78,666 \|", result.stdout)
+    assert re.search(r"\| resnet8_e_cifar10_e2_b32 \| resnet8_e \| 78,666 \|", result.stdout)
 
 
 def test_missing_run_is_refused(two_runs):
-    result = run_script("compare.py", "resnet8_e_cifar10", "no_such_run", "--log-dir", two_runs / "logs",
+    result = run_script("compare.py", "resnet8_e_cifar10_e2_b32", "no_such_run", "--log-dir", two_runs / "logs",
                         "--out", two_runs / "x.png")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "no_such_run" in result.stderr and "Traceback" not in result.stderr
@@ -54,10 +54,10 @@ def test_a_history_without_configuration_is_drawn_too(two_runs):
     """The seed recipe writes history.csv alone (same columns): it is overlaid on our runs."""
     seed = two_runs / "logs" / "seedrecipe_run"
     seed.mkdir()
-    ours = (two_runs / "logs" / "resnet8_e_cifar10" / "history.csv").read_text()
+    ours = (two_runs / "logs" / "resnet8_e_cifar10_e2_b32" / "history.csv").read_text()
     (seed / "history.csv").write_text(ours)
     figure = two_runs / "with_seed.png"
-    result = run_script("compare.py", "resnet8_e_cifar10", "seedrecipe_run", "--log-dir", two_runs / "logs",
+    result = run_script("compare.py", "resnet8_e_cifar10_e2_b32", "seedrecipe_run", "--log-dir", two_runs / "logs",
                         "--out", figure)
     assert result.returncode == 0, result.stderr
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -45,7 +45,8 @@ def test_torch_backend_refuses_distribute(cifar_dir, tmp_path):
     result = run_script("train_resnet32.py", "--data-dir", cifar_dir, "--stack-n", "1", "--distribute",
                         "--checkpoint-dir", tmp_path, "--log-dir", tmp_path, backend="torch")
     assert result.returncode == 2
-    assert "--distribute is not supported on the torch backend" in result.stderr.strip().splitlines()[-1]
+    assert_refused(result, "--distribute is not supported on the PyTorch backend")
+    assert not list(tmp_path.iterdir())  # refused before the data is read or anything is written
 
 
 def test_multi_step_execution_with_tensorflow_distribute_is_refused(cifar_dir, tmp_path):

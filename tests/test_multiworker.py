@@ -9,20 +9,10 @@ import sys
 
 import pytest
 
-from conftest import EPOCHS, NO_TENSORFLOW, ROOT, TINY_RUN, assert_refused, final_fields, run_script
+from conftest import EPOCHS, NO_TENSORFLOW, ROOT, TINY_RUN, assert_refused, final_fields, free_ports, run_script
 
 RUN = "resnet8_e_cifar10"
 WAIT = 240  # --wait-timeout: a lost worker ends the test's run in minutes, never a hang
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def start(args, env_extra, backend):

@@ -20,7 +20,7 @@ EPOCHS = 4
 
 def tiny_run(cifar_dir, out, *extra):
     return ["--data-dir", cifar_dir, "--stack-n", "1", "--batch-size", "32", "--epochs", EPOCHS,
-            "--log-dir", out / "logs", "--checkpoint-dir", out / "checkpoints", *extra]
+            "--run-name", RUN, "--log-dir", out / "logs", "--checkpoint-dir", out / "checkpoints", *extra]
 
 
 def history(out):
@@ -95,7 +95,8 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     compile_for(model, args, 2)
     model.optimizer.build(model.trainable_variables)
     config = {"model": model.name, "params": model.count_params(), "dataset": "cifar10", "train_images": 64,
-              "batch_size": 32, "seed": 0, "precision": "float32"}
+              "batch_size": 32, "seed": 0, "precision": "float32", "lr_schedule": "0:0.1", "weight_decay": 1e-4,
+              "val_split": None}
     path = str(tmp_path / f"{RUN}.state.weights.h5")
     rows = [{"epoch": 0, "loss": 1.0}]
     checkpoints.save_state(model, path, rows, config)

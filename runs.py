@@ -1,0 +1,108 @@
+"""A run's identity and ownership: the default run name (what makes a run different), the checks on a given
+--run-name, one process per run (a lock), and the refusal to start over another run's files.
+
+All of it runs before any framework starts and before anything is written: a refusal is one line, exit 2,
+and every file that existed before is left byte-identical.
+"""
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+
+from errors import UsageError
+
+MAX_RUN_NAME = 120  # "<name>.state.weights.h5" and its ".tmp-XXXXXXXX-" temporary stay far below 255 bytes
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")  # one path component, no hidden file, no "..", no "/"
+
+
+def check_run_name(name):
+    """UsageError unless `name` is a safe file name of at most MAX_RUN_NAME characters."""
+    if not RUN_NAME.fullmatch(name) or len(name) > MAX_RUN_NAME:
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise UsageError(f"--run-name {shown!r} must be 1 to {MAX_RUN_NAME} characters of letters, digits and "
+                         "._+=- starting with a letter or digit (it names files and folders)")
+    return name
+
+
+def schedule_tag(schedule):
+    """A short, stable tag of a learning-rate schedule: 'lr' and six hex digits of its text's SHA-256."""
+    text = ",".join(f"{epoch}:{lr!r}" for epoch, lr in schedule)
+    return "lr" + hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def default_run_name(model, dataset, settings, defaults):
+    """<model>_<dataset>, then what differs from the family's defaults, in a fixed order:
+    _s<seed> _e<epochs> _lr<hash of the schedule> _wd<weight decay> _b<batch> _n<training images>.
+    E.g. resnet32_e_cifar10 (the defaults), resnet20_e_cifar10_s1_e2_n2000."""
+    parts = [model, dataset]
+    if settings["seed"] != defaults["seed"]:
+        parts.append(f"s{settings['seed']}")
+    if settings["epochs"] != defaults["epochs"]:
+        parts.append(f"e{settings['epochs']}")
+    if tuple(settings["lr_schedule"]) != tuple(defaults["lr_schedule"]):
+        parts.append(schedule_tag(settings["lr_schedule"]))
+    if settings["weight_decay"] != defaults["weight_decay"]:
+        parts.append(f"wd{settings['weight_decay']:g}")
+    if settings["batch_size"] != defaults["batch_size"]:
+        parts.append(f"b{settings['batch_size']}")
+    if settings["train_limit"] is not None:
+        parts.append(f"n{settings['train_limit']}")
+    return "_".join(parts)
+
+
+class RunLock:
+    """An exclusive fcntl lock on <checkpoint_dir>/<run>.lock for this process's lifetime: a second process on
+    the same run stops at once. The kernel releases it on any exit (a crash or kill -9 included), so a lock
+    file left behind is never stale."""
+
+    def __init__(self, checkpoint_dir, name):
+        self.path = os.path.join(checkpoint_dir, f"{name}.lock")
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+            if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise UsageError(f"run {os.path.basename(self.path)[:-5]!r} is in progress in another process "
+                                 f"(lock {self.path}); wait for it to end, or choose another --run-name") from None
+            raise UsageError(f"cannot lock {self.path} ({error.strerror}); choose another --checkpoint-dir") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the empty file stays (removing it would race a waiting run)
+            self.fd = None
+
+
+def existing_run(paths):
+    """What of a run is already on disk: (its saved configuration or None, completed epochs or None, the files)."""
+    found = [paths[k] for k in ("json", "state", "h5", "keras", "csv") if os.path.exists(paths[k])]
+    log_files = [os.path.join(paths["log_run"], n) for n in ("config.json", "history.csv")]
+    found += [p for p in log_files if os.path.exists(p)]
+    config = None
+    try:
+        with open(paths["json"]) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        pass
+    return config if isinstance(config, dict) else None, found
+
+
+def refuse_to_clobber(paths, name, resume, overwrite):
+    """UsageError when a fresh run (no --resume, no --overwrite) would write over files of a run of that name."""
+    if resume or overwrite:
+        return
+    config, found = existing_run(paths)
+    if not found:
+        return
+    state = "finished" if os.path.exists(paths["h5"]) else "interrupted or in progress"
+    what = f" ({config.get('epochs')} epochs, seed {config.get('seed')})" if config else ""
+    raise UsageError(f"run {name!r} already has files ({state}{what}, e.g. {found[0]}): pass --resume to continue "
+                     "it, --run-name to start another, or --overwrite to replace it")
