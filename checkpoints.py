@@ -24,7 +24,7 @@ from workarounds import with_batch_normalization
 
 # What must match for --resume to continue a run's saved state (--epochs may change: a run can be extended).
 RESUME_KEYS = ("model", "params", "dataset", "train_images", "batch_size", "seed", "precision", "lr_schedule",
-               "weight_decay")
+               "weight_decay", "val_split")
 
 
 def save_model(model, *paths):

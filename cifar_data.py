@@ -144,8 +144,10 @@ def load_local(source, dataset, files):
 
 
 def load_data(config, train=True):
-    """((x_train, y_train), (x_test, y_test)): uint8 NHWC images and int32 labels. Without --data-dir,
-    downloads through keras.datasets. With train=False the training part is (None, None)."""
+    """((x_train, y_train), (x_test, y_test), validation): uint8 NHWC images and int32 labels. Without
+    --data-dir, downloads through keras.datasets. With train=False the training part is (None, None). The
+    validation set is None, or with --val-split N the last N images of the training set, held out before
+    --train-limit takes the first images of the rest."""
     spec = DATASETS[config.dataset]
     if config.data_dir:
         source = find_local_data(config.data_dir, config.dataset)
@@ -160,6 +162,14 @@ def load_data(config, train=True):
             raise UsageError(f"could not download {spec.title} through keras.datasets ({error}); "
                              "fix: pass --data-dir with a local copy") from None
         trainset, test = (xa, ya.reshape(-1).astype(np.int32)), (xb, yb.reshape(-1).astype(np.int32))
+    if train and getattr(config, "val_split", None):
+        n = config.val_split
+        if n >= len(trainset[0]):
+            raise UsageError(f"--val-split {n} leaves no training image of {len(trainset[0])} (lower --val-split)")
+        validation = (trainset[0][-n:], trainset[1][-n:])
+        trainset = (trainset[0][:-n], trainset[1][:-n])
+    else:
+        validation = None
     if train and config.train_limit:
         trainset = (trainset[0][:config.train_limit], trainset[1][:config.train_limit])
-    return trainset, test
+    return trainset, test, validation

@@ -144,7 +144,11 @@ def make_parser(description, add_arguments):
                            "DIR/cifar-10-python.tar.gz (cifar-100-python likewise); default: download "
                            "through keras.datasets")
     data.add_argument("--train-limit", type=positive_int, metavar="N",
-                      help="train on the first N training images only")
+                      help="train on the first N training images only (after --val-split's hold-out)")
+    data.add_argument("--val-split", type=positive_int, metavar="N",
+                      help="hold out the last N images of the training set as a validation set, evaluated every "
+                           "epoch (val_* in the history and TensorBoard); the test set is then evaluated once, "
+                           "after the last epoch")
     train = parser.add_argument_group("training recipe (defaults: He et al. 2016, docs/recipe.md)")
     train.add_argument("--epochs", type=epochs, help=f"default {recipe.EPOCHS}")
     train.add_argument("--batch-size", type=positive_int, default=recipe.BATCH_SIZE,
@@ -184,7 +188,7 @@ def make_parser(description, add_arguments):
     out = parser.add_argument_group("outputs")
     out.add_argument("--run-name", type=run_name,
                      help="default: <model>_<dataset> plus what differs from the defaults: _s<seed> _e<epochs> "
-                          "_lr<schedule hash> _wd<weight decay> _b<batch> _n<training images>, e.g. "
+                          "_lr<schedule hash> _wd<weight decay> _b<batch> _n<training images> _v<validation images>, e.g. "
                           "resnet32_e_cifar10, resnet20_e_cifar10_s1_e2_n2000")
     out.add_argument("--log-dir", default="logs", help="TensorBoard logs go to LOG_DIR/<run-name>/")
     out.add_argument("--checkpoint-dir", default="checkpoints",

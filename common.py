@@ -192,6 +192,7 @@ def run_record(config, model, data, paths, devices, processes):
     return {**config.saved(), "model": model.name, "params": model.count_params(),
             "trainable_params": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
             "train_images": train_images, "test_images": len(data[1][0]),
+            "val_images": len(data[2][0]) if data[2] else 0,
             "steps_per_epoch": train_images // config.batch_size, "eval_batch_size": EVAL_BATCH_SIZE,
             "momentum": MOMENTUM, "nesterov": NESTEROV, "keras": keras.__version__, "checkpoint": paths["h5"],
             "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
@@ -203,7 +204,7 @@ def _evaluate(config, spec):
     if not os.path.isfile(path):
         raise UsageError(f"--evaluate {path!r}: no such file (give a .h5 or .keras saved by a training run)")
     check_model_file(path)  # before the framework starts: a refusal is one line, instantly
-    _, (x_test, y_test) = load_data(config, train=False)
+    _, (x_test, y_test), _ = load_data(config, train=False)
     configure_backend()
     model = load_model_safely(path)
     classes = model.output_shape[-1]

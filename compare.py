@@ -9,7 +9,8 @@ columns are the same), so that one figure overlays both. The figure has train ac
 and test loss per epoch for all runs (legend by run name) and a zoomed panel of the last epochs' test
 accuracy. The table (stdout) gives each run's model, parameters, checkpoint size on disk, final and best
 test accuracy, epochs and seconds per epoch. Final accuracy is the last epoch's: select on it, not on the
-best, which peeks at the test set.
+best, which peeks at the test set. Runs that differ only in their seed are also summarized together (n,
+mean ± sample std, median, min-max of the final test accuracy), as reproduce.py's tables do.
 """
 import argparse
 import csv
@@ -18,6 +19,7 @@ import os
 import sys
 
 import cli
+import sweeps
 from errors import UsageError
 from outputs import atomic_write
 
@@ -103,6 +105,13 @@ def main(argv=None):
         print(f"compare.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(table(runs))
+    groups = [(name, members) for name, members in sweeps.group_by_seed(runs) if len(members) > 1]
+    if groups:  # runs that differ only in their seed, summarized together
+        print("\nRuns that differ only in their seed:\n")
+        print(sweeps.markdown_table([{"label": f"{name} and {len(members) - 1} more (seeds "
+                                               f"{', '.join(str(m['config'].get('seed')) for m in members)})",
+                                      "accuracies": [sweeps.final_accuracy(m["history"]) for m in members]}
+                                     for name, members in groups]))
     print(f"\nfigure: {args.out}")
 
 

@@ -7,6 +7,7 @@ start. The TensorBoard files are written with the tensorboard package alone, so 
 """
 import csv
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -111,11 +112,13 @@ def write_text(path, text):
 
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "test_loss", "test_accuracy", "learning_rate", "seconds")
+VALIDATION_FIELDS = ("val_loss", "val_accuracy")  # with --val-split; test_* is then the last epoch's only (nan before)
 
 
 def write_history(path, history):
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    fields = HISTORY_FIELDS + (VALIDATION_FIELDS if history and "val_loss" in history[0] else ())
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     write_text(path, out.getvalue())
@@ -126,26 +129,85 @@ class ScalarLog:
     (Keras's TensorBoard callback needs TensorFlow, which a JAX or PyTorch run must not import). Train and test curves go to
     <run>/train and <run>/test with the same tags, so TensorBoard draws them on one chart."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, hparams=None):
         from workarounds import tensorboard_without_tensorflow
         tensorboard_without_tensorflow()
+        self.run_dir, self.writers = run_dir, {}
+        if hparams:
+            self._add("", 0, hparams_start_summary(hparams))  # the HParams session: the run folder itself
+
+    def _add(self, split, step, summary):
+        from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
-        self.writers = {split: EventFileWriter(os.path.join(run_dir, split)) for split in ("train", "test")}
+        if split not in self.writers:  # a folder per split, made when it has something to hold
+            self.writers[split] = EventFileWriter(os.path.join(self.run_dir, split))
+        self.writers[split].add_event(Event(wall_time=time.time(), step=step, summary=summary))
+        self.writers[split].flush()
 
     def write(self, row):
-        from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.compat.proto.summary_pb2 import Summary
         scalars = {"train": {"epoch_loss": row["loss"], "epoch_accuracy": row["accuracy"],
                              "epoch_learning_rate": row["learning_rate"]},
-                   "test": {"epoch_loss": row["test_loss"], "epoch_accuracy": row["test_accuracy"]}}
+                   "test": {"epoch_loss": row["test_loss"], "epoch_accuracy": row["test_accuracy"]},
+                   "val": {"epoch_loss": row.get("val_loss"), "epoch_accuracy": row.get("val_accuracy")}}
         for split, values in scalars.items():
-            summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
-            self.writers[split].add_event(Event(wall_time=time.time(), step=row["epoch"], summary=summary))
-            self.writers[split].flush()
+            values = {tag: float(v) for tag, v in values.items() if v is not None and math.isfinite(v)}
+            if values:
+                self._add(split, row["epoch"], Summary(value=[Summary.Value(tag=tag, simple_value=v)
+                                                              for tag, v in values.items()]))
+
+    def finish(self, history):
+        """The HParams session ends: TensorBoard's HPARAMS tab shows the run as done, with its last metrics."""
+        self._add("", len(history), hparams_end_summary())
 
     def close(self):
         for writer in self.writers.values():
             writer.close()
+
+
+# What a run reports to TensorBoard's HPARAMS tab: the settings that tell runs of a sweep apart.
+HPARAMS = ("model", "dataset", "seed", "epochs", "lr_schedule", "weight_decay", "precision", "batch_size",
+           "train_images", "val_split", "stack_n", "unit", "plain", "arch", "depth", "version", "layout",
+           "cardinality", "width", "impl", "recipe", "backend")
+
+
+def hparams_of(record):
+    """The HPARAMS entries of a run's saved configuration: numbers, booleans and strings, None left out."""
+    return {key: record[key] if isinstance(record[key], (bool, int, float, str)) else str(record[key])
+            for key in HPARAMS if record.get(key) is not None}
+
+
+def _hparams_summary(tag, plugin_data):
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import metadata
+    content = plugin_data.SerializeToString()
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content))
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+
+def hparams_start_summary(hparams):
+    """The session-start summary of TensorBoard's hparams plugin, built from its protos (its own helper goes
+    through TensorFlow)."""
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+    info = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+    for key, value in hparams.items():
+        if isinstance(value, bool):
+            info.hparams[key].bool_value = value
+        elif isinstance(value, (int, float)):
+            info.hparams[key].number_value = value
+        else:
+            info.hparams[key].string_value = value
+    return _hparams_summary(metadata.SESSION_START_INFO_TAG,
+                            plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION,
+                                                              session_start_info=info))
+
+
+def hparams_end_summary():
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    info = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
+    return _hparams_summary(metadata.SESSION_END_INFO_TAG,
+                            plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION,
+                                                              session_end_info=info))
 
 
 def final_line(**fields):
@@ -154,7 +216,7 @@ def final_line(**fields):
 
 def clear_old_events(run_dir):
     """A fresh run under an existing name replaces that run's TensorBoard curves instead of mixing in."""
-    for split in ("train", "test"):
+    for split in ("train", "test", "val", ""):
         folder = os.path.join(run_dir, split)
         if os.path.isdir(folder):
             for entry in os.listdir(folder):

@@ -24,6 +24,7 @@ class RunConfig:
     dataset: str
     data_dir: object
     train_limit: object
+    val_split: object
     # the recipe (family defaults filled in; lr_schedule after --lr-scale)
     epochs: int
     batch_size: int
@@ -98,7 +99,7 @@ def resolve(args, family_resolve=None, run_name=None):
 
 def values_of(config):
     return {key: getattr(config, key) for key in ("seed", "epochs", "lr_schedule", "weight_decay", "batch_size",
-                                                  "train_limit")}
+                                                  "train_limit", "val_split")}
 
 
 def family_defaults(args, family_resolve):

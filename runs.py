@@ -34,7 +34,8 @@ def schedule_tag(schedule):
 
 def default_run_name(model, dataset, settings, defaults):
     """<model>_<dataset>, then what differs from the family's defaults, in a fixed order:
-    _s<seed> _e<epochs> _lr<hash of the schedule> _wd<weight decay> _b<batch> _n<training images>.
+    _s<seed> _e<epochs> _lr<hash of the schedule> _wd<weight decay> _b<batch> _n<training images>
+    _v<validation images>.
     E.g. resnet32_e_cifar10 (the defaults), resnet20_e_cifar10_s1_e2_n2000."""
     parts = [model, dataset]
     if settings["seed"] != defaults["seed"]:
@@ -49,6 +50,8 @@ def default_run_name(model, dataset, settings, defaults):
         parts.append(f"b{settings['batch_size']}")
     if settings["train_limit"] is not None:
         parts.append(f"n{settings['train_limit']}")
+    if settings.get("val_split") is not None:
+        parts.append(f"v{settings['val_split']}")
     return "_".join(parts)
 
 

@@ -18,7 +18,7 @@ from checkpoints import restore_state, save_state
 from distributed import Cluster, process_share
 from errors import TrainingError
 from recipe import lr_at_epoch
-from outputs import ScalarLog, check_free_space, clear_old_events, write_history
+from outputs import ScalarLog, check_free_space, clear_old_events, hparams_of, write_history
 from workarounds import batches
 
 EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for a backward pass: bigger batches, same numbers
@@ -144,7 +144,7 @@ def fit(model, config, data, paths, record, cluster=Cluster(), beat=None, resume
     the chief's, on a folder every worker shares). Returns (history, seconds, training images per second) of this
     process's epochs."""
     import keras
-    (x_train, y_train), (x_test, y_test) = data
+    (x_train, y_train), (x_test, y_test), validation = data
     steps = record["steps_per_epoch"]
     resume_from = resume_from or paths["state"]
     history = []
@@ -166,7 +166,12 @@ def fit(model, config, data, paths, record, cluster=Cluster(), beat=None, resume
     backend = keras.backend.backend()
     mine, eval_batch = process_share(np.arange(len(x_test)), EVAL_BATCH_SIZE, cluster, backend)
     test = batches(x_test[mine], y_test[mine], eval_batch)  # the same every epoch: built once
-    log = ScalarLog(paths["log_run"])
+    if validation is not None:  # --val-split: the validation set every epoch, the test set after the last
+        mine, eval_batch = process_share(np.arange(len(validation[0])), EVAL_BATCH_SIZE, cluster, backend)
+        every_epoch = batches(validation[0][mine], validation[1][mine], eval_batch)
+    else:
+        every_epoch = test
+    log = ScalarLog(paths["log_run"], hparams=hparams_of(record))
     start = time.perf_counter()
     first = len(history)
     try:
@@ -178,20 +183,27 @@ def fit(model, config, data, paths, record, cluster=Cluster(), beat=None, resume
             order, batch = process_share(epoch_order(config.seed, epoch, len(x_train), steps * config.batch_size),
                                          config.batch_size, cluster, backend)
             train = batches(x_train[order], y_train[order], batch)
-            logs = run_epoch(model, train, test, epoch, config.epochs, verbose, beat)
+            logs = run_epoch(model, train, every_epoch, epoch, config.epochs, verbose, beat)
             if not all(math.isfinite(logs.get(key, math.nan)) for key in ("loss", "val_loss")):
                 last_good = resume_from if history else "none yet"  # the chief's, in a cluster
                 raise TrainingError(f"the loss became {logs.get('loss')} in epoch {epoch + 1}; the last good "
                                     f"checkpoint is {last_good} (epoch {len(history)}): lower --lr-schedule "
                                     "and rerun, or --resume from it")
-            history.append({"epoch": epoch, "loss": logs["loss"], "accuracy": logs["accuracy"],
-                            "test_loss": logs["val_loss"], "test_accuracy": logs["val_accuracy"],
-                            "learning_rate": lr_at_epoch(config.lr_schedule, epoch),
-                            "seconds": round(time.perf_counter() - epoch_start, 3)})
+            row = {"epoch": epoch, "loss": logs["loss"], "accuracy": logs["accuracy"],
+                   "test_loss": logs["val_loss"], "test_accuracy": logs["val_accuracy"],
+                   "learning_rate": lr_at_epoch(config.lr_schedule, epoch)}
+            if validation is not None:
+                row.update(val_loss=logs["val_loss"], val_accuracy=logs["val_accuracy"], test_loss=math.nan,
+                           test_accuracy=math.nan)
+                if epoch == config.epochs - 1:
+                    final = model.evaluate(test.x, test.y, batch_size=test.batch_size, verbose=0, return_dict=True)
+                    row.update(test_loss=final["loss"], test_accuracy=final["accuracy"])
+            history.append({**row, "seconds": round(time.perf_counter() - epoch_start, 3)})
             check_free_space(os.path.dirname(paths["state"]) or ".", checkpoint_bytes(record["params"]))
             save_state(model, paths["state"], history, record)
             write_histories()
             log.write(history[-1])
+        log.finish(history)
     finally:
         log.close()
     seconds = time.perf_counter() - start

@@ -10,7 +10,8 @@ from cifar_fixture import batch_dict
 
 
 def load(data_dir, dataset="cifar10", train_limit=None, train=True):
-    return cifar_data.load_data(argparse.Namespace(dataset=dataset, data_dir=data_dir, train_limit=train_limit), train)
+    return cifar_data.load_data(argparse.Namespace(dataset=dataset, data_dir=data_dir, train_limit=train_limit),
+                                train)[:2]
 
 
 def test_folder_layout(cifar_dir):

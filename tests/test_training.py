@@ -113,7 +113,7 @@ def test_evaluate_reproduces_the_final_test_accuracy(trained, cifar_dir, extensi
 
 def tiny_data(cifar_dir, classes=10):
     args = parse(train_resnet32, ["--data-dir", cifar_dir])
-    (x, y), (xt, yt) = cifar_data.load_data(args)
+    (x, y), (xt, yt), _ = cifar_data.load_data(args)
     return (x[:64], y[:64] % classes), (xt[:32], yt[:32] % classes)
 
 

@@ -1,0 +1,275 @@
+"""Reproduce a paper's table in one command: every (row, seed) run of an experiment file, then the table
+with its statistics beside the published figures, and a figure of the mean curves.
+
+    python reproduce.py experiments/he2016_table2_units.toml                  # the paper's scale, the file's seeds
+    python reproduce.py experiments/he2016_table2_units.toml --seeds 0-2 -- --stack-n 3 --epochs 15 \\
+        --train-limit 10000 --lr-schedule 0:0.1,8:0.01,12:0.001 --data-dir data   # a reduced scale
+    python reproduce.py EXPERIMENT --executor slurm --partition gpu --time 600 --gpus-per-run 1 [--account A]
+    python reproduce.py EXPERIMENT --print | parallel -j 4     # one command per line, for any scheduler
+
+Flags after `--` go to every run (they come after the row's own flags, so they win). Each run is the family
+script itself with --seed, --run-name (the script's own default name: model, dataset and what differs), and
+--log-dir/--checkpoint-dir under --out (default sweeps/<experiment>/). Every row's flags are checked by its
+script's own parser before the first run starts.
+
+Idempotent: a finished run is not run again, an interrupted one continues with --resume (its state is saved
+after every epoch), so rerunning the same command after a crash or a pre-emption finishes the sweep with each
+run exactly once; a second process on a run stops at once (the run's lock). Executors (submitit):
+- local: this machine; one run at a time, or with --gpus N one run per GPU (--runs-per-gpu K shares each GPU
+  among K runs, with JAX's preallocation and TensorFlow's up-front allocation turned off);
+- slurm: one job per run (--partition, --time minutes, --gpus-per-run, --account); a job pre-empted or near its
+  time limit stops its run cleanly (SIGTERM: the last complete epoch is kept) and is requeued with --resume.
+
+The table: per row n, mean ± sample std, median and min-max of the final (last-epoch) test accuracy, the
+published figure and the difference; printed and written to <out>/table.md, the figure to <out>/curves.png.
+"""
+import argparse
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tomllib
+
+import cli
+import sweeps
+from cifar_data import find_local_data
+from errors import UsageError
+from outputs import atomic_write, write_text
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = ("train_resnet32.py", "train_resnet_variants.py", "train_resnet_bottleneck.py", "train_resnet_v2.py",
+           "train_resnext.py")
+LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # submitit's local executor ends a job after its timeout: never, in practice
+SLURM_SIGNAL_DELAY_S = 300  # submitit warns a SLURM job this long before its time limit: time to stop and requeue
+
+
+def parse_seeds(text):
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,2,5' -> [0, 2, 5]; '3' -> [3]; ranges and lists may mix: '0-2,7'."""
+    seeds = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+            raise argparse.ArgumentTypeError(f"expected seeds like 0-4 or 0,2,5, got {text!r}")
+        first = int(match.group(1))
+        seeds.extend(range(first, int(match.group(2) or first) + 1))
+    if len(set(seeds)) != len(seeds) or max(seeds) > cli.MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seeds must be distinct and at most {cli.MAX_SEED}, got {text!r}")
+    return seeds
+
+
+def load_experiment(path):
+    """The experiment file as a dict, checked: title, rows (label, script, flags, optional published), seeds."""
+    try:
+        with open(path, "rb") as f:
+            experiment = tomllib.load(f)
+    except OSError as error:
+        raise UsageError(f"cannot read experiment {path!r} ({error.strerror}); see experiments/") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"experiment {path} is not valid TOML ({error})") from None
+    rows = experiment.get("rows")
+    if not isinstance(experiment.get("title"), str) or not isinstance(rows, list) or not rows:
+        raise UsageError(f"experiment {path} needs a title and at least one [[rows]] entry")
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("label"), str) or row.get("script") not in SCRIPTS:
+            raise UsageError(f"experiment {path}, row {i}: needs a label and a script, one of {', '.join(SCRIPTS)}")
+        flags = row.get("flags", [])
+        if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags):
+            raise UsageError(f"experiment {path}, row {i} ({row['label']}): flags must be a list of strings")
+        if "published" in row and not isinstance(row["published"], (int, float)):
+            raise UsageError(f"experiment {path}, row {i} ({row['label']}): published must be a number (%)")
+    seeds = experiment.setdefault("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise UsageError(f"experiment {path}: seeds must be a list of integers >= 0")
+    return experiment
+
+
+class Run:
+    """One (row, seed) of a sweep: its script's command, and where its files are."""
+
+    def __init__(self, row, seed, extra, out):
+        import importlib
+        self.label, self.seed = row["label"], seed
+        self.script = row["script"]
+        self.flags = [*row.get("flags", []), *extra, "--seed", str(seed),
+                      "--log-dir", os.path.join(out, "logs"), "--checkpoint-dir", os.path.join(out, "checkpoints")]
+        module = importlib.import_module(self.script[:-3])
+        try:  # the script's own parser: a bad row is refused before anything starts
+            config = cli.parse(self.flags, module.add_arguments, getattr(module, "resolve", None), module.run_name)
+        except UsageError as error:
+            raise UsageError(f"row {self.label!r}, seed {seed}: {error}") from None
+        if config.data_dir:
+            find_local_data(config.data_dir, config.dataset)
+        self.name, self.epochs = config.run_name, config.epochs
+        checkpoints = os.path.join(out, "checkpoints", self.name)
+        self.model, self.state, self.saved = checkpoints + ".h5", checkpoints + ".state.weights.h5", checkpoints + ".json"
+        self.history = os.path.join(out, "logs", self.name, "history.csv")
+
+    def status(self):
+        """finished (the model saved after every epoch), interrupted (something saved), or new."""
+        if os.path.isfile(self.model) and os.path.isfile(self.history):
+            if len(sweeps.read_history(self.history)) >= self.epochs:
+                return "finished"
+        if os.path.exists(self.state) or os.path.exists(self.saved):
+            return "interrupted"
+        return "new"
+
+    def command(self):
+        resume = ["--resume"] if self.status() == "interrupted" else []
+        return [sys.executable, os.path.join(HERE, self.script), *self.flags, "--run-name", self.name, *resume]
+
+
+class TrainingJob:
+    """What submitit runs: the training script as a child process. On pre-emption or near the time limit
+    submitit calls checkpoint(): the child gets SIGTERM (it keeps its last complete epoch and exits 143) and the
+    job is requeued as the same command with --resume."""
+
+    def __init__(self, command, env=None):
+        self.command, self.env = list(command), dict(env or {})
+        self.process = None
+
+    def __call__(self):
+        self.process = subprocess.Popen(self.command, env={**os.environ, **self.env})
+        returncode = self.process.wait()
+        if returncode != 0:
+            raise RuntimeError(f"{shlex.join(self.command[1:])} exited with {returncode}")
+        return returncode
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=SLURM_SIGNAL_DELAY_S // 2)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        command = self.command if "--resume" in self.command else [*self.command, "--resume"]
+        return submitit.helpers.DelayedSubmission(TrainingJob(command, self.env))
+
+
+def gpu_env(slot, gpus, runs_per_gpu):
+    """The environment of the run in `slot` on a machine with `gpus` GPUs: its GPU, and with several runs per GPU
+    each backend's memory settings made to share it."""
+    if not gpus:
+        return {}
+    env = {"CUDA_VISIBLE_DEVICES": str(slot % gpus)}
+    if runs_per_gpu > 1:
+        env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / runs_per_gpu:.2f}",
+                   TF_FORCE_GPU_ALLOW_GROWTH="true", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    return env
+
+
+def slurm_parameters(args):
+    """submitit.SlurmExecutor's parameters for one run per job: what becomes the #SBATCH lines."""
+    parameters = {"partition": args.partition, "time": args.time, "gpus_per_node": args.gpus_per_run,
+                  "ntasks_per_node": 1, "cpus_per_task": args.cpus_per_run, "signal_delay_s": SLURM_SIGNAL_DELAY_S}
+    if args.account:
+        parameters["account"] = args.account
+    return parameters
+
+
+def make_executor(args, folder):
+    import submitit
+    if args.executor == "slurm":
+        executor = submitit.SlurmExecutor(folder=folder)
+        executor.update_parameters(**slurm_parameters(args))
+        return executor
+    executor = submitit.AutoExecutor(folder=folder, cluster="local")
+    executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
+    return executor
+
+
+def run_sweep(runs, args, out):
+    """Submits every run that is not finished, `args.parallel` at a time, and reports each as it ends."""
+    pending = [run for run in runs if run.status() != "finished"]
+    done = len(runs) - len(pending)
+    print(f"{args.experiment}: {len(runs)} runs, {done} finished, {len(pending)} to run ({args.executor})", flush=True)
+    if not pending:
+        return 0
+    executor = make_executor(args, os.path.join(out, "submitit"))
+    failed = 0
+    slots = max(1, args.gpus * args.runs_per_gpu) if args.executor == "local" else len(pending)
+    queue = list(pending)
+    while queue:
+        batch, queue = queue[:slots], queue[slots:]
+        jobs = [(run, executor.submit(TrainingJob(run.command(), gpu_env(slot, args.gpus, args.runs_per_gpu))))
+                for slot, run in enumerate(batch)]
+        for run, job in jobs:
+            try:
+                job.result()
+                done += 1
+                outcome = f"final test acc {sweeps.final_accuracy(sweeps.read_history(run.history)):.4f}"
+            except Exception as error:  # the run's own message is in its log; the sweep goes on
+                failed += 1
+                outcome = f"FAILED ({str(error).splitlines()[-1][:200]}); log: {job.paths.stderr}"
+            print(f"[{done}/{len(runs)} done] {run.label}, seed {run.seed}: {outcome}", flush=True)
+    return failed
+
+
+def table(experiment, runs):
+    rows = []
+    for row in experiment["rows"]:
+        mine = [r for r in runs if r.label == row["label"] and r.status() == "finished"]
+        histories = [sweeps.read_history(r.history) for r in mine]
+        rows.append({"label": row["label"], "published": row.get("published"), "histories": histories,
+                     "accuracies": [sweeps.final_accuracy(h) for h in histories]})
+    return rows
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", metavar="EXPERIMENT", help="an experiment file, e.g. experiments/*.toml")
+    parser.add_argument("--seeds", type=parse_seeds, help="e.g. 0-4 or 0,2,5 (default: the file's seeds)")
+    parser.add_argument("--out", metavar="DIR", help="where the runs' logs/ and checkpoints/ go "
+                                                     "(default sweeps/<experiment>)")
+    parser.add_argument("--executor", choices=("local", "slurm"), default="local")
+    parser.add_argument("--print", action="store_true", help="print the pending runs' commands, one a line; run none")
+    parser.add_argument("--gpus", type=cli._int_at_least(0), default=0, metavar="N",
+                        help="local: GPUs on this machine, one run each at a time (0: one run at a time)")
+    parser.add_argument("--runs-per-gpu", type=cli.positive_int, default=1, metavar="K")
+    slurm = parser.add_argument_group("slurm")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--time", type=cli.positive_int, default=24 * 60, metavar="MINUTES", help="per job")
+    slurm.add_argument("--gpus-per-run", type=cli._int_at_least(0), default=1, metavar="N")
+    slurm.add_argument("--cpus-per-run", type=cli.positive_int, default=8, metavar="N")
+    slurm.add_argument("--account")
+    try:
+        args = parser.parse_args(argv)
+        experiment = load_experiment(args.experiment)
+        name = os.path.splitext(os.path.basename(args.experiment))[0]
+        out = args.out or os.path.join("sweeps", name)
+        runs = [Run(row, seed, extra, out) for row in experiment["rows"] for seed in (args.seeds or experiment["seeds"])]
+        if len({r.name for r in runs}) < len(runs):
+            raise UsageError("two rows of the experiment give the same run (same script and flags): make them differ")
+        if args.print:
+            for run in runs:
+                if run.status() != "finished":
+                    print(shlex.join(run.command()))
+            return
+        if args.executor == "slurm" and not args.partition:
+            raise UsageError("--executor slurm needs --partition (and --time, --gpus-per-run, maybe --account)")
+        os.makedirs(out, exist_ok=True)
+        failed = run_sweep(runs, args, out)
+    except UsageError as error:
+        print(f"reproduce.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    rows = table(experiment, runs)
+    text = (f"{experiment['title']} ({experiment.get('paper', '')}, {experiment.get('table', '')})\n\n"
+            + sweeps.markdown_table(rows) + "\n\n" + f"Final (last-epoch) test accuracy over seeds; published: "
+            f"{experiment.get('published', {}).get('statistic', 'as printed')}.\n")
+    print("\n" + text)
+    write_text(os.path.join(out, "table.md"), text)
+    atomic_write(os.path.join(out, "curves.png"),
+                 lambda tmp: sweeps.mean_curves_figure(rows, tmp, experiment["title"]))
+    print(f"table: {os.path.join(out, 'table.md')}, figure: {os.path.join(out, 'curves.png')}")
+    if failed:
+        print(f"reproduce.py: {failed} runs failed; rerun the same command to retry them", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""reproduce.py on a tiny two-row, two-seed sweep through submitit's local executor: every run once, the table's
+figures computed independently from the runs' histories, idempotent reruns, kill -9 mid-sweep, the SLURM
+submission and its requeue-with-resume logic, and bad input."""
+import csv
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, assert_refused, run_script
+
+EXPERIMENT = """
+title = "tiny units"
+paper = "a test"
+table = "none"
+seeds = [0, 1, 2]
+
+[[rows]]
+label = "unit a"
+script = "train_resnet_variants.py"
+flags = ["--unit", "a"]
+published = 93.39
+
+[[rows]]
+label = "unit e"
+script = "train_resnet_variants.py"
+flags = ["--unit", "e"]
+"""
+TINY = ["--stack-n", "1", "--batch-size", "32", "--epochs", "2", "--lr-schedule", "0:0.05,1:0.02"]
+
+
+def sweep(tmp_path, cifar_dir, *flags, seeds="0-1", timeout=900):
+    experiment = tmp_path / "tiny.toml"
+    experiment.write_text(EXPERIMENT)
+    return run_script("reproduce.py", experiment, "--seeds", seeds, "--out", tmp_path / "out", *flags,
+                      "--", *TINY, "--data-dir", cifar_dir, timeout=timeout)
+
+
+def histories(out):
+    found = {}
+    for name in sorted(os.listdir(out / "logs")):
+        with open(out / "logs" / name / "history.csv") as f:
+            found[name] = list(csv.DictReader(f))
+    return found
+
+
+def table_rows(stdout):
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in stdout.splitlines() if line.startswith("| unit")}
+
+
+@pytest.fixture(scope="module")
+def swept(cifar_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    result = sweep(tmp_path, cifar_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path, result
+
+
+def test_every_run_once_and_the_table_from_the_histories(swept):
+    tmp_path, result = swept
+    runs = histories(tmp_path / "out")
+    assert len(runs) == 4 and all([int(r["epoch"]) for r in rows] == [0, 1] for rows in runs.values())
+    assert result.stdout.count("done] ") == 4 and "[4/4 done]" in result.stdout
+    table = table_rows(result.stdout)
+    for label, unit in (("unit a", "_a_"), ("unit e", "_e_")):
+        finals = [float(rows[-1]["test_accuracy"]) * 100 for name, rows in runs.items() if unit in name]
+        n, mean_std, median, span, published, difference = table[label]
+        assert int(n) == 2
+        mean, std = (float(v) for v in mean_std.split(" ± "))
+        assert mean == pytest.approx(statistics.fmean(finals), abs=0.006)
+        assert std == pytest.approx(statistics.stdev(finals), abs=0.006)
+        assert float(median) == pytest.approx(statistics.median(finals), abs=0.006)
+        assert span == f"{min(finals):.2f}-{max(finals):.2f}"
+        if label == "unit a":
+            assert published == "93.39" and float(difference) == pytest.approx(mean - 93.39, abs=0.011)
+    assert (tmp_path / "out" / "table.md").read_text().count("| unit") == 2
+    assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_second_invocation_starts_no_run_and_prints_the_same_table(swept, cifar_dir):
+    tmp_path, first = swept
+    before = {name: rows for name, rows in histories(tmp_path / "out").items()}
+    again = sweep(tmp_path, cifar_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 to run" in again.stdout and "done]" not in again.stdout
+    assert table_rows(again.stdout) == table_rows(first.stdout)
+    assert histories(tmp_path / "out") == before
+
+
+def test_print_gives_one_command_per_pending_run(swept, cifar_dir):
+    tmp_path, _ = swept
+    result = sweep(tmp_path, cifar_dir, "--print", seeds="0-2")  # seeds 0 and 1 are done: only seed 2's two runs
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("train_resnet_variants.py" in line and "--seed 2" in line for line in lines)
+
+
+def test_kill_9_mid_sweep_then_rerun_runs_each_once(cifar_dir, tmp_path):
+    experiment = tmp_path / "tiny.toml"
+    experiment.write_text(EXPERIMENT)
+    command = [sys.executable, os.path.join(ROOT, "reproduce.py"), str(experiment), "--seeds", "0-1", "--out",
+               str(tmp_path / "out"), "--", *TINY, "--epochs", "3", "--data-dir", str(cifar_dir)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 600
+    logs = tmp_path / "out" / "logs"
+    while time.time() < deadline and process.poll() is None:  # the second run in its second epoch
+        done = [d for d in (logs.iterdir() if logs.exists() else []) if (d / "history.csv").exists()
+                and len((d / "history.csv").read_text().splitlines()) >= 2]
+        if len(done) >= 2:
+            break
+        time.sleep(0.1)
+    assert process.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)  # reproduce.py and its current run
+    process.wait()
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    runs = histories(tmp_path / "out")
+    assert len(runs) == 4
+    for name, rows in runs.items():
+        assert [int(r["epoch"]) for r in rows] == [0, 1, 2], name  # each epoch exactly once
+
+
+def test_requeue_resumes_the_run(cifar_dir, tmp_path):
+    """What submitit does on SLURM pre-emption, done by hand: checkpoint() stops the running script with SIGTERM
+    and returns the same command with --resume, which finishes the run with each epoch once."""
+    import threading
+
+    import reproduce
+    out = tmp_path / "out"
+    command = [sys.executable, os.path.join(ROOT, "train_resnet32.py"), "--data-dir", str(cifar_dir), "--stack-n", "1",
+               "--batch-size", "8", "--steps-per-execution", "1", "--epochs", "3", "--run-name", "r",
+               "--log-dir", str(out / "logs"), "--checkpoint-dir", str(out / "checkpoints")]
+    job = reproduce.TrainingJob(command)
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, job)))
+    thread.start()
+    history = out / "checkpoints" / "r.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    requeued = job.checkpoint()
+    thread.join(timeout=120)
+    assert "exited with 143" in str(errors[0].value)  # stopped by SIGTERM, its last complete epoch kept
+    assert requeued.function.command[-1] == "--resume"
+    assert requeued.function() == 0
+    with open(history) as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
+
+
+def test_the_slurm_submission(tmp_path):
+    """The sbatch script submitit writes for our flags (no cluster here: the submission itself is not run)."""
+    import argparse
+
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    import reproduce
+    args = argparse.Namespace(executor="slurm", time=240, gpus_per_run=1, cpus_per_run=8, partition="gpu",
+                              account="lab")
+    text = _make_sbatch_string(command="python -m submitit.core._submit", folder=str(tmp_path),
+                               **reproduce.slurm_parameters(args))
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=240", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --account=lab", "#SBATCH --signal=USR2@300", "#SBATCH --cpus-per-task=8"):
+        assert line in text, text
+
+
+EXPERIMENT_ERRORS = [
+    ("title = 'x'\n", ["needs a title and at least one [[rows]]"]),
+    ("title = \n", ["not valid TOML"]),
+    ("title = 'x'\n[[rows]]\nlabel = 'a'\nscript = 'train_nothing.py'\n", ["row 1", "script"]),
+    ("title = 'x'\n[[rows]]\nlabel = 'a'\nscript = 'train_resnet32.py'\nflags = ['--stack-n', '0']\n",
+     ["row 'a'", "--stack-n"]),
+    ("title = 'x'\n[[rows]]\nlabel = 'a'\nscript = 'train_resnet32.py'\nflags = ['--no-such-flag']\n",
+     ["row 'a'", "--no-such-flag"]),
+]
+
+
+@pytest.mark.parametrize("text, words", EXPERIMENT_ERRORS, ids=["no rows", "not toml", "bad script", "bad flag",
+                                                                  "unknown flag"])
+def test_a_bad_experiment_starts_nothing(tmp_path, text, words):
+    experiment = tmp_path / "bad.toml"
+    experiment.write_text(text)
+    assert_refused(run_script("reproduce.py", experiment, "--out", tmp_path / "out"), *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--seeds", "4-1"], ["--seeds", "0-4"]),
+    (["--seeds", "a"], ["--seeds"]),
+    (["--executor", "kubernetes"], ["--executor", "local", "slurm"]),
+    (["--executor", "slurm"], ["--partition"]),
+])
+def test_bad_sweep_flags(tmp_path, argv, words):
+    experiment = tmp_path / "tiny.toml"
+    experiment.write_text(EXPERIMENT)
+    assert_refused(run_script("reproduce.py", experiment, "--out", tmp_path / "out", *argv), *words)
+    assert not (tmp_path / "out").exists()
+
+
+def session_hparams(run_dir):
+    """The HParams session-start values written into a run's folder, read back from its event files."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+    found = {}
+    for name in os.listdir(run_dir):
+        if name.startswith("events.out.tfevents."):
+            for event in EventFileLoader(os.path.join(run_dir, name)).Load():
+                for value in event.summary.value:
+                    if value.metadata.plugin_data.plugin_name == metadata.PLUGIN_NAME:
+                        data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                        if data.HasField("session_start_info"):
+                            found.update({k: v for k, v in data.session_start_info.hparams.items()})
+                        if data.HasField("session_end_info"):
+                            found["_status"] = data.session_end_info.status
+    return found
+
+
+def test_tensorboard_hparams_of_the_sweep(swept):
+    from tensorboard.plugins.hparams import api_pb2
+    tmp_path, _ = swept
+    logs = tmp_path / "out" / "logs"
+    seen = set()
+    for name in os.listdir(logs):
+        hparams = session_hparams(logs / name)
+        assert hparams["_status"] == api_pb2.STATUS_SUCCESS
+        assert hparams["dataset"].string_value == "cifar10" and hparams["epochs"].number_value == 2
+        assert hparams["lr_schedule"].string_value == "0:0.05,1:0.02" and hparams["batch_size"].number_value == 32
+        assert hparams["precision"].string_value == "float32" and hparams["weight_decay"].number_value == 1e-4
+        seen.add((hparams["unit"].string_value, int(hparams["seed"].number_value)))
+    assert seen == {("a", 0), ("a", 1), ("e", 0), ("e", 1)}
+
+
+def test_val_split_holds_out_the_last_training_images(cifar_dir):
+    import argparse
+
+    import cifar_data
+    config = argparse.Namespace(dataset="cifar10", data_dir=str(cifar_dir), train_limit=None, val_split=64)
+    (x, y), (xt, yt), (xv, yv) = cifar_data.load_data(config)
+    (x_all, _), _, _ = cifar_data.load_data(argparse.Namespace(dataset="cifar10", data_dir=str(cifar_dir),
+                                                               train_limit=None))
+    assert len(xv) == 64 and len(x) == len(x_all) - 64
+    assert (xv == x_all[-64:]).all() and (x == x_all[:-64]).all()
+    as_bytes = {image.tobytes() for image in xv}
+    assert not as_bytes & {image.tobytes() for image in xt} and not as_bytes & {image.tobytes() for image in x}
+    limited = argparse.Namespace(**{**vars(config), "train_limit": 100})
+    (x_limited, _), _, (xv_limited, _) = cifar_data.load_data(limited)
+    assert len(x_limited) == 100 and (xv_limited == xv).all()  # the hold-out comes first, then the limit
+
+
+def test_a_val_split_run_logs_val_every_epoch_and_test_at_the_end(cifar_dir, tmp_path):
+    result = run_script("train_resnet32.py", "--data-dir", cifar_dir, *TINY, "--val-split", "64",
+                        "--log-dir", tmp_path / "logs", "--checkpoint-dir", tmp_path / "checkpoints")
+    assert result.returncode == 0, result.stderr[-3000:]
+    name = "resnet8_e_cifar10_e2_lr" + result.stdout.split("_lr")[1][:6] + "_b32_v64"
+    assert f"final: run={name}" in result.stdout
+    with open(tmp_path / "logs" / name / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["test_accuracy"] == "nan" for r in rows] == [True, False]
+    assert all(0 <= float(r["val_accuracy"]) <= 1 for r in rows)
+    import json
+    config = json.loads((tmp_path / "checkpoints" / f"{name}.json").read_text())
+    assert config["train_images"] == 320 - 64 and config["val_images"] == 64 and config["val_split"] == 64
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    val = EventAccumulator(str(tmp_path / "logs" / name / "val")).Reload()
+    assert [e.step for e in val.Scalars("epoch_accuracy")] == [0, 1]
+    test = EventAccumulator(str(tmp_path / "logs" / name / "test")).Reload()
+    assert [e.step for e in test.Scalars("epoch_accuracy")] == [1]
