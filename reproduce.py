@@ -242,7 +242,8 @@ def main(argv=None):
         experiment = load_experiment(args.experiment)
         name = os.path.splitext(os.path.basename(args.experiment))[0]
         out = args.out or os.path.join("sweeps", name)
-        runs = [Run(row, seed, extra, out) for row in experiment["rows"] for seed in (args.seeds or experiment["seeds"])]
+        # seed by seed, every row each time: a sweep stopped part-way has every row at the same number of seeds
+        runs = [Run(row, seed, extra, out) for seed in (args.seeds or experiment["seeds"]) for row in experiment["rows"]]
         if len({r.name for r in runs}) < len(runs):
             raise UsageError("two rows of the experiment give the same run (same script and flags): make them differ")
         if args.print:
