@@ -19,7 +19,7 @@ import zipfile
 
 from errors import UsageError
 from outputs import atomic_write
-from workarounds import with_batch_normalization
+from workarounds import with_batch_normalization, without_tensorflow
 
 
 # What must match for --resume to continue a run's saved state (--epochs may change: a run can be extended).
@@ -181,6 +181,7 @@ def load_model_safely(path):
     import keras
     check_model_file(path)
     try:
-        return keras.models.load_model(os.fspath(path), compile=False, safe_mode=True)
+        with without_tensorflow():
+            return keras.models.load_model(os.fspath(path), compile=False, safe_mode=True)
     except Exception as error:
         raise UsageError(f"cannot load {path}: {str(error).splitlines()[0]}") from None

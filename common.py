@@ -38,9 +38,9 @@ from errors import Preempted, TrainingError, UsageError
 from outputs import (CHECKPOINT_FILES, check_free_space, check_writable_dir, final_line, no_space_message,
                      private_run_paths, remove_stale_temporaries, run_paths, write_text)
 from recipe import MOMENTUM, NESTEROV, compile_model
-from training import EVAL_BATCH_SIZE, checkpoint_bytes, fit
+from training import checkpoint_bytes, eval_batch_size, fit
 from workarounds import (batch_normalization_class, batches, prepare_multi_worker_fit, resolve_jit_compile,
-                         with_batch_normalization)
+                         set_random_seed, with_batch_normalization)
 
 
 def main(description, add_arguments, run_name, build_model, resolve=None, argv=None):
@@ -145,7 +145,7 @@ def _train(config, build_model, cluster, spec, paths, saved_state):
         if config.batch_size % devices:
             raise UsageError(f"--batch-size {config.batch_size} does not split over {devices} devices "
                              f"(use a multiple of {devices})")
-        keras.utils.set_random_seed(config.seed)
+        set_random_seed(config.seed)
         with scope:
             model = build_model(config, spec.classes)
             record = run_record(config, model, data, paths, devices, cluster.processes)
@@ -193,7 +193,7 @@ def run_record(config, model, data, paths, devices, processes):
             "trainable_params": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
             "train_images": train_images, "test_images": len(data[1][0]),
             "val_images": len(data[2][0]) if data[2] else 0,
-            "steps_per_epoch": train_images // config.batch_size, "eval_batch_size": EVAL_BATCH_SIZE,
+            "steps_per_epoch": train_images // config.batch_size, "eval_batch_size": eval_batch_size(model),
             "momentum": MOMENTUM, "nesterov": NESTEROV, "keras": keras.__version__, "checkpoint": paths["h5"],
             "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
             "devices": devices, "processes": processes}
@@ -214,7 +214,7 @@ def _evaluate(config, spec):
     model = with_batch_normalization(model, batch_normalization_class())  # the kernels training evaluated with
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=resolve_jit_compile(model))
     start = time.perf_counter()
-    loss, accuracy = model.evaluate(*batches(x_test, y_test, EVAL_BATCH_SIZE), verbose=0)
+    loss, accuracy = model.evaluate(*batches(x_test, y_test, eval_batch_size(model)), verbose=0)
     seconds = time.perf_counter() - start
     saved = os.path.splitext(path)[0] + ".json"
     epochs = 0

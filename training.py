@@ -22,6 +22,21 @@ from outputs import ScalarLog, check_free_space, clear_old_events, hparams_of, w
 from workarounds import batches
 
 EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for a backward pass: bigger batches, same numbers
+# ... except on PyTorch, where Keras runs a functional model eagerly and keeps every layer's output of the batch
+# until the forward pass ends: at 1000 images ResNeXt-29 2x4d needed 23 GB. There the batch is what fits
+# EVAL_ACTIVATION_BYTES of layer outputs (measured on a 2-core EPYC: ResNeXt-29 2x4d at 100 images 3.2 GB
+# resident, at 25 images 1.3 GB; docs/performance.md).
+EVAL_ACTIVATION_BYTES = 2 * 2**30
+
+
+def eval_batch_size(model):
+    """EVAL_BATCH_SIZE, or on PyTorch as many images (at least 8) as EVAL_ACTIVATION_BYTES of float32 layer
+    outputs hold."""
+    import keras
+    if keras.backend.backend() != "torch":
+        return EVAL_BATCH_SIZE
+    per_image = sum(4 * int(np.prod(layer.output.shape[1:])) for layer in model.layers)
+    return int(min(EVAL_BATCH_SIZE, max(8, EVAL_ACTIVATION_BYTES // per_image)))
 # The host may run this many executions (of steps_per_execution steps) ahead of the last one whose loss was
 # checked for NaN: enough to keep a GPU's queue full, and the bound on how far a NaN run goes on.
 MAX_UNCHECKED_EXECUTIONS = 8
@@ -164,10 +179,10 @@ def fit(model, config, data, paths, record, cluster=Cluster(), beat=None, resume
     clear_old_events(paths["log_run"])
     verbose = config.verbose if config.verbose is not None else (1 if sys.stdout.isatty() else 2)
     backend = keras.backend.backend()
-    mine, eval_batch = process_share(np.arange(len(x_test)), EVAL_BATCH_SIZE, cluster, backend)
+    mine, eval_batch = process_share(np.arange(len(x_test)), eval_batch_size(model), cluster, backend)
     test = batches(x_test[mine], y_test[mine], eval_batch)  # the same every epoch: built once
     if validation is not None:  # --val-split: the validation set every epoch, the test set after the last
-        mine, eval_batch = process_share(np.arange(len(validation[0])), EVAL_BATCH_SIZE, cluster, backend)
+        mine, eval_batch = process_share(np.arange(len(validation[0])), eval_batch_size(model), cluster, backend)
         every_epoch = batches(validation[0][mine], validation[1][mine], eval_batch)
     else:
         every_epoch = test

@@ -1,4 +1,4 @@
-"""Every place this project works around a limit or a bug of Keras or TensorFlow, one entry each.
+"""Every place this project works around a limit or a bug of Keras, TensorFlow or tensorboard, one entry each.
 
 Each entry says the symptom, the versions it was seen with (Keras 3.15.1, TensorFlow 2.21.0, JAX 0.10.2 unless
 said otherwise) and when to remove it. Import-safe: the frameworks are imported inside the functions.
@@ -11,7 +11,9 @@ said otherwise) and when to remove it. Import-safe: the frameworks are imported 
 6. steps_per_execution_limit  the multi-step loop fails inside MirroredStrategy; torch refuses N > 1.
 7. RECURSION_LIMIT       Keras walks the layer graph recursively: ResNet-1001 needs ~10,000 frames.
 8. tensorboard_without_tensorflow  tensorboard's event writer imports TensorFlow when it is installed.
+9. without_tensorflow    set_random_seed and the .h5 loader import TensorFlow on every backend.
 """
+import contextlib
 import functools
 import itertools
 from typing import NamedTuple
@@ -222,3 +224,30 @@ def tensorboard_without_tensorflow():
     import sys
     import types
     sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+
+# 9. Two Keras 3.15 functions import TensorFlow whenever it is installed, whatever the backend: set_random_seed
+# (to seed tf.random too) and the .h5 loader's JSON decoding (to rebuild TensorShapes): a JAX or PyTorch run or
+# --evaluate then starts TensorFlow (its start-up lines, its memory). On those backends they run with TensorFlow's
+# import refused for the call (Keras then skips its TensorFlow part; nothing of it is used there). Remove when
+# Keras asks for TensorFlow only on the TensorFlow backend (a torch run's sys.modules then never holds it:
+# tests/test_training.py).
+@contextlib.contextmanager
+def without_tensorflow():
+    import sys
+
+    import keras
+    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
+        yield
+        return
+    sys.modules["tensorflow"] = None  # `import tensorflow` raises ImportError for the length of the call
+    try:
+        yield
+    finally:
+        del sys.modules["tensorflow"]
+
+
+def set_random_seed(seed):
+    import keras
+    with without_tensorflow():
+        keras.utils.set_random_seed(seed)

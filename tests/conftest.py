@@ -93,9 +93,9 @@ TINY_RUN = ["--stack-n", "1", "--batch-size", "32", "--epochs", EPOCHS, "--lr-sc
             "--run-name", "resnet8_e_cifar10"]
 
 
-@pytest.fixture(scope="session", params=["tensorflow", "jax"])
+@pytest.fixture(scope="session", params=["tensorflow", "jax", "torch"])
 def trained(request, cifar_dir, tmp_path_factory):
-    """One real run per backend; the JAX run has TensorFlow blocked, so it proves it needs none."""
+    """One real run per backend; the JAX and PyTorch runs have TensorFlow blocked, so they prove they need none."""
     backend = request.param
     out = tmp_path_factory.mktemp(f"run_{backend}")
     result = run_script("train_resnet32.py", "--data-dir", cifar_dir, *TINY_RUN,

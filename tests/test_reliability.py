@@ -39,10 +39,12 @@ def tensorboard_steps(out):
     return steps
 
 
-def test_sigkill_mid_epoch_then_resume(cifar_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["tensorflow", "torch"])
+def test_sigkill_mid_epoch_then_resume(cifar_dir, tmp_path, backend):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_resnet32.py"),
                                 *map(str, tiny_run(cifar_dir, killed))], cwd=ROOT,
+                               env={**os.environ, "KERAS_BACKEND": backend},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     csv_path = killed / "checkpoints" / f"{RUN}.csv"
     deadline = time.time() + 300
@@ -57,7 +59,7 @@ def test_sigkill_mid_epoch_then_resume(cifar_dir, tmp_path):
     done_before = len(history(killed))
     assert 1 <= done_before < EPOCHS
 
-    resumed = run_script("train_resnet32.py", *tiny_run(cifar_dir, killed, "--resume"))
+    resumed = run_script("train_resnet32.py", *tiny_run(cifar_dir, killed, "--resume"), backend=backend)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {RUN} after epoch {done_before}" in resumed.stdout
     assert final_fields(resumed.stdout)["epochs"] == str(EPOCHS)
@@ -68,7 +70,7 @@ def test_sigkill_mid_epoch_then_resume(cifar_dir, tmp_path):
     assert not glob.glob(str(killed / "checkpoints" / ".tmp-*"))
 
     # the same run uninterrupted: same learning rates, same data order and augmentation, same numbers
-    uninterrupted = run_script("train_resnet32.py", *tiny_run(cifar_dir, straight))
+    uninterrupted = run_script("train_resnet32.py", *tiny_run(cifar_dir, straight), backend=backend)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     for key in ("loss", "accuracy", "test_loss", "learning_rate"):
         np.testing.assert_allclose([float(r[key]) for r in rows], [float(r[key]) for r in history(straight)],
@@ -118,7 +120,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert not glob.glob(str(tmp_path / ".tmp-*"))
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
 def test_nan_loss_stops_with_the_epoch_and_last_checkpoint(cifar_dir, tmp_path, backend):
     """The async-safe NaN stop (training.StopOnNaN): on JAX its check runs on Keras's worker thread."""
     result = run_script("train_resnet32.py", *tiny_run(cifar_dir, tmp_path, "--lr-schedule", "0:0.05,1:1e30"),

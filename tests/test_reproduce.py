@@ -102,17 +102,16 @@ def test_print_gives_one_command_per_pending_run(swept, cifar_dir):
 
 def test_kill_9_mid_sweep_then_rerun_runs_each_once(cifar_dir, tmp_path):
     experiment = tmp_path / "tiny.toml"
-    experiment.write_text(EXPERIMENT)
+    experiment.write_text(EXPERIMENT.split("[[rows]]")[0] + "[[rows]]" + EXPERIMENT.split("[[rows]]")[1])  # row a
     command = [sys.executable, os.path.join(ROOT, "reproduce.py"), str(experiment), "--seeds", "0-1", "--out",
                str(tmp_path / "out"), "--", *TINY, "--epochs", "3", "--data-dir", str(cifar_dir)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     deadline = time.time() + 600
     logs = tmp_path / "out" / "logs"
-    while time.time() < deadline and process.poll() is None:  # the second run in its second epoch
-        done = [d for d in (logs.iterdir() if logs.exists() else []) if (d / "history.csv").exists()
-                and len((d / "history.csv").read_text().splitlines()) >= 2]
-        if len(done) >= 2:
+    while time.time() < deadline and process.poll() is None:  # the second run in its first or second epoch
+        started = [d for d in (logs.iterdir() if logs.exists() else []) if (d / "history.csv").exists()]
+        if len(started) >= 2:
             break
         time.sleep(0.1)
     assert process.poll() is None, "the sweep ended before it could be killed"
@@ -121,7 +120,7 @@ def test_kill_9_mid_sweep_then_rerun_runs_each_once(cifar_dir, tmp_path):
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     runs = histories(tmp_path / "out")
-    assert len(runs) == 4
+    assert len(runs) == 2
     for name, rows in runs.items():
         assert [int(r["epoch"]) for r in rows] == [0, 1, 2], name  # each epoch exactly once
 

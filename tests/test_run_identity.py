@@ -299,6 +299,8 @@ def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(cifar_dir, tmp_pa
     assert signal.Signals(signum).name in line and "--resume" in line
     assert [int(r["epoch"]) for r in history(stopped)] == [0]  # epoch 2 was under way: not saved
 
+    if signum != signal.SIGTERM:  # SIGUSR1 takes the same path from here on: resumed and compared once, below
+        return
     resumed = run_script("train_resnet32.py", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     uninterrupted = run_script("train_resnet32.py", *tiny(cifar_dir, straight, *flags, epochs=3))

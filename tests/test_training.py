@@ -15,7 +15,7 @@ import train_resnet32
 import train_resnet_v2
 import train_resnet_variants
 import train_resnext
-from conftest import compile_for, final_fields, parse, run_script
+from conftest import ROOT, compile_for, final_fields, parse, run_script
 
 from conftest import EPOCHS, TINY_RUN
 
@@ -153,3 +153,30 @@ def test_one_tiny_epoch_without_nan(module, argv, cifar_dir):
     compile_for(model, args, 2)
     history = model.fit(x, y, batch_size=32, epochs=1, validation_data=(xt, yt), verbose=0).history
     assert all(np.isfinite(history[key][0]) for key in ("loss", "val_loss")), history
+
+
+NO_TENSORFLOW_AT_EXIT = """
+import atexit, runpy, sys
+sys.path.insert(0, {root!r})
+atexit.register(lambda: print("tensorflow imported:", "tensorflow" in sys.modules))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch"])  # JAX's runs are the same code path (and run TensorFlow-blocked)
+def test_no_tensorflow_import_on_other_backends(cifar_dir, tmp_path, backend):
+    """With TensorFlow installed (not blocked), a PyTorch run and --evaluate of its .h5 never import it."""
+    import subprocess
+    import sys
+    script = os.path.join(ROOT, "train_resnet32.py")
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    runs = [[script, "--data-dir", cifar_dir, *TINY_RUN, "--epochs", "1", "--log-dir", tmp_path / "logs",
+             "--checkpoint-dir", tmp_path / "checkpoints"],
+            [script, "--data-dir", cifar_dir, "--evaluate", tmp_path / "checkpoints" / "resnet8_e_cifar10.h5"]]
+    for argv in runs:
+        result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW_AT_EXIT.format(root=ROOT), *map(str, argv)],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "final: " in result.stdout and "tensorflow imported: False" in result.stdout, result.stdout[-2000:]
+        assert result.stderr.strip() == "", result.stderr[-2000:]
