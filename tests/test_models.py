@@ -175,18 +175,14 @@ def test_paper_resnet1001_builds_counts_saves_and_reloads(tmp_path, deep_recursi
     assert len(model.layers) > 3000
     assert (model.count_params(), trainable_count(model)) == (10_551_978, 10_402_762)
     assert model.count_params() - trainable_count(model) == 149_216
-    x = random_images(2)
-    expected = model.predict(x, verbose=0)
     paths = [str(tmp_path / f"resnet1001{extension}") for extension in (".h5", ".keras")]
     checkpoints.save_model(model, *paths)  # one conversion to Keras's own classes, both files
-    for path in paths:
+    for path in paths:  # the same layers and weights (predicting would trace all 3,000 layers: minutes)
         reloaded = keras.models.load_model(path, compile=False)
         assert reloaded.count_params() == 10_551_978
-        if path.endswith(".keras"):  # predicting traces all 3,000 layers again: once is enough
-            np.testing.assert_allclose(reloaded.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)
-        else:
-            for a, b in zip(reloaded.weights, model.weights):
-                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert [layer.name for layer in reloaded.layers] == [layer.name for layer in model.layers]
+        for a, b in zip(reloaded.weights, model.weights):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("depth, total", [("164", "1,740,042"), ("1001", "10,551,978")])
