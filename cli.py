@@ -124,7 +124,7 @@ def run_name(text):
     try:
         return runs.check_run_name(text)
     except UsageError as error:
-        raise argparse.ArgumentTypeError(str(error).replace(f"--run-name ", "", 1)) from None
+        raise argparse.ArgumentTypeError(str(error).replace("--run-name ", "", 1)) from None
 
 
 def lr_schedule(text):

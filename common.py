@@ -129,7 +129,6 @@ def _train(config, build_model, cluster, spec, paths, saved_state):
         raise UsageError(f"Keras started {backend}, not {config.backend}: set KERAS_BACKEND explicitly")
     for signum in STOP_SIGNALS:  # again: a framework may have set its own handler while starting
         signal.signal(signum, _preempt)
-    import keras
     with contextlib.ExitStack() as stack:
         # Joining the other processes is bounded by --wait-timeout on its own (jax.distributed's timeout,
         # distributed.wait_for_peers for TensorFlow); from then on the watchdog bounds every wait.

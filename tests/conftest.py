@@ -2,6 +2,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -63,6 +64,25 @@ def free_ports(n):
     for s in sockets:
         s.close()
     return ports
+
+
+def start_script(script, *args, backend=None):
+    """A script running in the background, its output piped."""
+    env = {**os.environ, **({"KERAS_BACKEND": backend} if backend else {})}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def history_rows(path):
+    """How many epochs a history CSV holds so far (0 while it does not exist)."""
+    return max(len(path.read_text().splitlines()) - 1, 0) if path.exists() else 0
+
+
+def wait_until(process, ready, timeout=300, poll=0.05):
+    """Polls ready() until it holds, the process ends or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(poll)
 
 
 def final_fields(stdout):

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-import cifar_data
 import outputs
 import train_resnet32
 import train_resnet_bottleneck

@@ -3,7 +3,6 @@ one writer, no hang; and the one-line errors of the scale-out flags."""
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 

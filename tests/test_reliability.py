@@ -12,7 +12,7 @@ import pytest
 
 import checkpoints
 import outputs
-from conftest import ROOT, compile_for, final_fields, parse, run_script
+from conftest import ROOT, compile_for, final_fields, history_rows, parse, run_script, start_script, wait_until
 
 RUN = "resnet8_e_cifar10"
 EPOCHS = 4
@@ -42,16 +42,8 @@ def tensorboard_steps(out):
 @pytest.mark.parametrize("backend", ["tensorflow", "torch"])
 def test_sigkill_mid_epoch_then_resume(cifar_dir, tmp_path, backend):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_resnet32.py"),
-                                *map(str, tiny_run(cifar_dir, killed))], cwd=ROOT,
-                               env={**os.environ, "KERAS_BACKEND": backend},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    csv_path = killed / "checkpoints" / f"{RUN}.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if csv_path.exists() and len(csv_path.read_text().splitlines()) >= 2:  # epoch 1 done: kill inside epoch 2
-            break
-        time.sleep(0.05)
+    process = start_script("train_resnet32.py", *tiny_run(cifar_dir, killed), backend=backend)
+    wait_until(process, lambda: history_rows(killed / "checkpoints" / f"{RUN}.csv") >= 1)  # kill inside epoch 2
     assert process.poll() is None, "the run ended before it could be killed"
     time.sleep(0.3)
     process.send_signal(signal.SIGKILL)

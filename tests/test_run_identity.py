@@ -17,7 +17,8 @@ import pytest
 
 import train_resnet32
 from cifar_fixture import write_cifar
-from conftest import NO_TENSORFLOW, ROOT, free_ports, parse, run_script
+from conftest import (NO_TENSORFLOW, ROOT, free_ports, history_rows, parse, run_script, start_script,
+                      wait_until)
 
 RUN = "r"
 
@@ -246,13 +247,8 @@ def test_the_model_file_check_reads_a_bounded_amount(finished, tmp_path):
 
 
 def test_a_second_process_on_the_same_run_stops_at_once(cifar_dir, tmp_path):
-    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_resnet32.py"),
-                              *map(str, tiny(cifar_dir, tmp_path, "--seed", "0", epochs=4))], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    csv_path = tmp_path / "checkpoints" / f"{RUN}.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and first.poll() is None and not csv_path.exists():
-        time.sleep(0.1)
+    first = start_script("train_resnet32.py", *tiny(cifar_dir, tmp_path, "--seed", "0", epochs=4))
+    wait_until(first, (tmp_path / "checkpoints" / f"{RUN}.csv").exists)
     assert first.poll() is None, "the first run ended too early"
     start = time.monotonic()
     second = run_script("train_resnet32.py", *tiny(cifar_dir, tmp_path, "--seed", "1", "--overwrite"), timeout=60)
@@ -281,15 +277,9 @@ def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(cifar_dir, tmp_pa
     # batches of 8, one step per execution: 40 steps an epoch, each a moment where the signal is taken
     flags = ["--lr-schedule", "0:0.05,2:0.02", "--batch-size", "8", "--steps-per-execution", "1"]
     args = [*map(str, tiny(cifar_dir, stopped, *flags, epochs=3))]
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_resnet32.py"), *args], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    csv_path = stopped / "checkpoints" / f"{RUN}.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if csv_path.exists() and len(csv_path.read_text().splitlines()) >= 2:  # epoch 1 saved: stop inside epoch 2
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)
+    process = start_script("train_resnet32.py", *args)
+    wait_until(process, lambda: history_rows(stopped / "checkpoints" / f"{RUN}.csv") >= 1)  # epoch 1 saved
+    time.sleep(0.3)  # inside epoch 2
     assert process.poll() is None, "the run ended before it could be stopped"
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
@@ -366,13 +356,9 @@ def test_a_disk_that_fills_during_the_run_ends_it_in_one_line(cifar_dir, small_d
     saved after epoch 1 still loads."""
     import checkpoints
     mount_tmpfs(small_disk, 40)
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_resnet32.py"),
-                                *map(str, tiny(cifar_dir, small_disk, epochs=6))], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_script("train_resnet32.py", *tiny(cifar_dir, small_disk, epochs=6))
     state = small_disk / "checkpoints" / f"{RUN}.state.weights.h5"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not state.exists():
-        time.sleep(0.05)
+    wait_until(process, state.exists)
     with open(small_disk / "filler", "wb") as filler:  # everything but a few kilobytes
         free = shutil.disk_usage(small_disk).free
         filler.write(b"\0" * max(free - 16 * 1024, 0))
