@@ -25,15 +25,17 @@ same compiled step (recipe.compile_model) and fit loop the scripts use, on the c
 
 Our whole training path against the seed article's Keras 2 recipe, side by side on the same data:
 
-    python bench.py versus-seed DATA_DIR --seed-script PATH [--train-images 10000] [--rounds 3] [--ours "..."]
+    python bench.py versus-seed DATA_DIR --seed-script PATH [--train-images 10000] [--epochs 2] [--rounds 3]
 
 runs the seed recipe script at PATH (the article's Keras 2 code; needs tf-keras and scipy: docs/fidelity.md)
-and train_resnet32.py --epochs 1 in turn,
-each on the first N training images with the test set evaluated once, and prints both images/s (whole
-fit, evaluation included) and their ratio (the median of the rounds' ratios: each round's two runs are
-neighbours in time, which is what survives a noisy machine).
+and train_resnet32.py in turn, each for --epochs epochs on the first N training images with the test set
+evaluated after each epoch, and prints two ratios of ours to the seed's speed, each the median of the rounds'
+(a round's two runs are neighbours in time, which is what survives a noisy machine): the whole run's
+(start-up, tracing and compilation included: what a short run feels) and the last epoch's (the steady state:
+what a long run feels), with the host's CPU model.
 """
 import contextlib
+import csv
 import dataclasses
 import importlib
 import io
@@ -56,7 +58,8 @@ from devices import (PRECISIONS, accelerators, configure_backend, cpu_model, res
                      resolve_steps_per_execution)
 from errors import UsageError
 from training import run_epoch
-from workarounds import batches, with_batch_normalization
+from units import with_batch_normalization
+from workarounds import batches
 
 LOOPS = ("ours", "keras")
 OVERHEAD_BATCH = 8  # bench.py --overhead: a batch whose copying is negligible next to the framework's work
@@ -223,11 +226,19 @@ def overhead(argv):
               f"TerminateOnNaN takes {us[0] / us[i]:.2f}x its microseconds per step")
 
 
+def epoch_seconds(history_csv):
+    """The `seconds` column of a history CSV (ours and the seed recipe's --history write one)."""
+    with open(history_csv) as f:
+        return [float(row["seconds"]) for row in csv.DictReader(f)]
+
+
 def versus_seed(argv):
     parser = cli.Parser(description="train_resnet32.py against the seed recipe",
                         usage="bench.py versus-seed DATA_DIR --seed-script PATH [options]")
     parser.add_argument("data_dir", metavar="DATA_DIR")
     parser.add_argument("--train-images", type=cli.positive_int, default=10000)
+    parser.add_argument("--epochs", type=cli.positive_int, default=2,
+                        help="epochs per run; from 2 on, the last epoch's seconds give the steady-state ratio")
     parser.add_argument("--rounds", type=cli.positive_int, default=1, help="alternate runs; medians reported")
     parser.add_argument("--seed-script", required=True, metavar="PATH",
                         help="the seed article's Keras 2 recipe as a script (docs/fidelity.md says what it runs)")
@@ -237,34 +248,46 @@ def versus_seed(argv):
     find_local_data(args.data_dir, "cifar10")
     if not os.path.isfile(args.seed_script):
         raise UsageError(f"seed recipe not found at {args.seed_script} (give --seed-script)")
-    ours, seed = [], []
+    print(f"host CPU: {cpu_model()}", flush=True)
+    whole, steady = [], []  # per round: (ours, seed) images/s of the whole run, and seconds of the last epoch
     with tempfile.TemporaryDirectory() as out:
-        for _ in range(args.rounds):
-            seed_run = subprocess.run([sys.executable, args.seed_script, args.data_dir,
-                                       "--train-images", str(args.train_images)], capture_output=True, text=True)
+        for i in range(args.rounds):
+            seed_history = os.path.join(out, f"seed{i}.csv")
+            seed_run = subprocess.run([sys.executable, args.seed_script, args.data_dir, "--train-images",
+                                       str(args.train_images), "--epochs", str(args.epochs), "--history",
+                                       seed_history], capture_output=True, text=True)
             found = re.search(r"SEED_RECIPE images_per_s=([\d.]+).*test_acc=([\d.]+)", seed_run.stdout)
             if not found:
                 raise UsageError(f"the seed recipe failed: {seed_run.stderr.strip().splitlines()[-1:]}")
-            seed.append(float(found.group(1)))
-            print(found.group(0), flush=True)
+            print(found.group(0), f"epoch_seconds={epoch_seconds(seed_history)}", flush=True)
+            seed = float(found.group(1)), epoch_seconds(seed_history)[-1]
+            run_name = f"ours{i}"
             our_run = subprocess.run([sys.executable, os.path.join(HERE, "train_resnet32.py"), "--data-dir",
-                                      args.data_dir, "--train-limit", str(args.train_images), "--epochs", "1",
-                                      *shlex.split(args.ours),
+                                      args.data_dir, "--train-limit", str(args.train_images), "--epochs",
+                                      str(args.epochs), *shlex.split(args.ours), "--run-name", run_name,
                                       "--log-dir", out, "--checkpoint-dir", out], capture_output=True, text=True)
             line = our_run.stdout.strip().splitlines()[-1] if our_run.stdout.strip() else ""
             found = re.search(r"train_images_per_s=([\d.]+)", line)
             if not found:
                 raise UsageError(f"train_resnet32.py failed: {our_run.stderr.strip().splitlines()[-1:]}")
-            ours.append(float(found.group(1)))
-            print(line, flush=True)
+            ours_history = os.path.join(out, f"{run_name}.csv")
+            print(line, f"epoch_seconds={epoch_seconds(ours_history)}", flush=True)
+            ours = float(found.group(1)), epoch_seconds(ours_history)[-1]
+            whole.append(ours[0] / seed[0])
+            steady.append(seed[1] / ours[1])
     # Each round's two runs are neighbours in time: their ratio is what survives a noisy machine.
-    ratios = [o / s for o, s in zip(ours, seed)]
-    print(f"VERSUS_SEED train_images={args.train_images} rounds={args.rounds} seed_images_per_s="
-          f"{statistics.median(seed):.1f} ours_images_per_s={statistics.median(ours):.1f} "
-          f"ratio={statistics.median(ratios):.2f} round_ratios={','.join(f'{r:.2f}' for r in ratios)}")
+    print(f"VERSUS_SEED cpu={cpu_model().replace(' ', '_')} train_images={args.train_images} epochs={args.epochs} "
+          f"rounds={args.rounds} whole_run_ratio={statistics.median(whole):.2f} "
+          + (f"steady_state_ratio={statistics.median(steady):.2f} " if args.epochs > 1 else "")
+          + f"round_ratios={','.join(f'{w:.2f}/{s:.2f}' for w, s in zip(whole, steady))}")
 
 
-MODES = {"model": bench_models, "overhead": overhead, "versus-seed": versus_seed}
+def profile(argv):
+    import profile_epoch
+    profile_epoch.profile(argv)
+
+
+MODES = {"model": bench_models, "overhead": overhead, "versus-seed": versus_seed, "profile": profile}
 
 
 def main(argv=None):

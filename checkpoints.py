@@ -17,9 +17,11 @@ import json
 import os
 import zipfile
 
+from augmentation import standard_layer, training_layer
 from errors import UsageError
 from outputs import atomic_write
-from workarounds import with_batch_normalization, without_tensorflow
+from units import batch_normalization_as, with_layers
+from workarounds import batch_normalization_class, without_tensorflow
 
 
 # What must match for --resume to continue a run's saved state (--epochs may change: a run can be extended).
@@ -27,13 +29,27 @@ RESUME_KEYS = ("model", "params", "dataset", "train_images", "batch_size", "seed
                "weight_decay", "val_split")
 
 
+def portable(model):
+    """`model` with Keras's own layer classes only: Keras's BatchNormalization for the fused one
+    (workarounds.batch_normalization_class), the equivalent RandomTranslation for the pad-and-crop layer."""
+    import keras
+    keras_class = batch_normalization_as(keras.layers.BatchNormalization)
+    return with_layers(model, lambda layer: keras_class(layer) or standard_layer(layer))
+
+
+def as_trained(model):
+    """A loaded model with the layer classes training runs (portable's inverse): same numbers, same kernels."""
+    training_class = batch_normalization_as(batch_normalization_class())
+    return with_layers(model, lambda layer: training_class(layer) or training_layer(layer))
+
+
 def save_model(model, *paths):
     """The whole model, at each path in the format its ending names (.h5, .keras), each written atomically,
-    with Keras's own layer classes: it loads with plain keras.models.load_model, without this project's code."""
-    import keras
-    portable = with_batch_normalization(model, keras.layers.BatchNormalization)
+    with Keras's own layer classes (portable): it loads with plain keras.models.load_model, without this
+    project's code."""
+    model = portable(model)
     for path in paths:
-        atomic_write(path, portable.save)
+        atomic_write(path, model.save)
 
 
 def save_state(model, path, history, config):

@@ -30,7 +30,7 @@ import numpy as np
 import cli
 import distributed
 import runs
-from checkpoints import check_model_file, check_resume, load_model_safely, read_state_record, save_model
+from checkpoints import as_trained, check_model_file, check_resume, load_model_safely, read_state_record, save_model
 from cifar_data import DATASETS, find_local_data, load_data
 from devices import configure_backend, where_it_trains
 from distributed import Watchdog, distribution, synchronize_batch_norm
@@ -39,8 +39,8 @@ from outputs import (CHECKPOINT_FILES, check_free_space, check_writable_dir, fin
                      private_run_paths, remove_stale_temporaries, run_paths, write_text)
 from recipe import MOMENTUM, NESTEROV, compile_model
 from training import checkpoint_bytes, eval_batch_size, fit
-from workarounds import (batch_normalization_class, batches, prepare_multi_worker_fit, resolve_jit_compile,
-                         set_random_seed, with_batch_normalization)
+from workarounds import (batches, build_before_first_step, prepare_multi_worker_fit, resolve_jit_compile,
+                         set_random_seed)
 
 
 def main(description, add_arguments, run_name, build_model, resolve=None, argv=None):
@@ -210,8 +210,9 @@ def _evaluate(config, spec):
     if classes != spec.classes:
         raise UsageError(f"{path} predicts {classes} classes but {spec.title} has {spec.classes} "
                          "(is --dataset right?)")
-    model = with_batch_normalization(model, batch_normalization_class())  # the kernels training evaluated with
+    model = as_trained(model)  # the layer classes and kernels training evaluated with
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=resolve_jit_compile(model))
+    build_before_first_step(model)
     start = time.perf_counter()
     loss, accuracy = model.evaluate(*batches(x_test, y_test, eval_batch_size(model)), verbose=0)
     seconds = time.perf_counter() - start

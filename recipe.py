@@ -19,10 +19,11 @@ BN_EPSILON = 1e-5
 SEED = 0
 
 # --- Preprocessing and augmentation: per-channel statistics of the CIFAR-10 training set on 0-255 pixels
-# (the article's); He et al. 2015, §4.2: 4-pixel shifts and horizontal flips. ---
+# (the article's); He et al. 2015, §4.2: "4 pixels are padded on each side, and a 32x32 crop is randomly sampled
+# from the padded image or its horizontal flip". ---
 PIXEL_MEAN = (125.307, 122.95, 113.865)
 PIXEL_STD = (62.9932, 62.0887, 66.7048)
-SHIFT_FRACTION = 0.125  # random shifts of up to 0.125 * 32 = 4 pixels, zero fill
+PADDING = 4  # zero padding per side before the random crop: 9 x 9 equally likely offsets per image
 
 
 MAX_EPOCH = 100_000  # no schedule or --epochs goes further: the step counters stay far from any int overflow
@@ -67,7 +68,7 @@ def compile_model(model, lr_schedule, steps_per_epoch, steps_per_execution, jit_
     XLA where it runs the step (workarounds.resolve_jit_compile) and `steps_per_execution` steps per call."""
     import keras
 
-    from workarounds import fuse_steps, resolve_jit_compile
+    from workarounds import build_before_first_step, fuse_steps, resolve_jit_compile
     if len(lr_schedule) == 1:
         learning_rate = lr_schedule[0][1]
     else:
@@ -80,18 +81,20 @@ def compile_model(model, lr_schedule, steps_per_epoch, steps_per_execution, jit_
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   jit_compile=resolve_jit_compile(model, jit_compile), steps_per_execution=steps_per_execution)
     fuse_steps(model)
+    build_before_first_step(model)
 
 
 def image_input():
     """The network's input and its weightless preprocessing, both inside the saved model, so a saved
     .h5 takes raw 0-255 pixels (uint8 or float) and needs nothing else:
-    per-channel standardization, then in training only a random horizontal flip and a random shift of
-    up to 4 pixels filled with 0 (the mean pixel, after standardization)."""
+    per-channel standardization, then in training only a random horizontal flip and a random crop of the
+    image padded with PADDING zeros per side (0 is the mean pixel after standardization), both per image."""
     import keras
+
+    from augmentation import pad_and_crop
     inputs = keras.Input(shape=(32, 32, 3), name="image")
     x = keras.layers.Rescaling(scale=[1 / s for s in PIXEL_STD],
                                offset=[-m / s for m, s in zip(PIXEL_MEAN, PIXEL_STD)], name="standardize")(inputs)
     x = keras.layers.RandomFlip("horizontal", name="random_flip")(x)
-    x = keras.layers.RandomTranslation(SHIFT_FRACTION, SHIFT_FRACTION, fill_mode="constant", fill_value=0.0,
-                                       interpolation="nearest", name="random_shift")(x)
+    x = pad_and_crop(PADDING, name="random_crop")(x)
     return inputs, x

@@ -146,3 +146,36 @@ def bn_relu_gap_head(x, classes, style=Style()):
 def model_from(inputs, outputs, name):
     import keras
     return keras.Model(inputs, outputs, name=name)
+
+
+def with_layers(model, replace):
+    """`model` with each layer for which replace(layer) returns a layer replaced by it (same name, the weights
+    copied unless it has none), the rest cloned as they are; `model` itself when replace returns None for all."""
+    import keras
+    replacements = {layer.name: replace(layer) for layer in model.layers}
+    if all(new is None for new in replacements.values()):
+        return model
+
+    def clone(layer):
+        return replacements[layer.name] or layer.__class__.from_config(layer.get_config())
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for layer in model.layers:
+        if copy.get_layer(layer.name).weights:  # a weightless replacement (an identity) takes none
+            copy.get_layer(layer.name).set_weights(layer.get_weights())
+    return copy
+
+
+def batch_normalization_as(cls):
+    """A `replace` for with_layers: a BatchNormalization layer of another class -> one of class `cls`."""
+    import keras
+
+    def replace(layer):
+        if isinstance(layer, keras.layers.BatchNormalization) and type(layer) is not cls:
+            return cls.from_config(layer.get_config())
+        return None
+    return replace
+
+
+def with_batch_normalization(model, cls):
+    """`model` with every BatchNormalization layer of class `cls`, same names and weights."""
+    return with_layers(model, batch_normalization_as(cls))

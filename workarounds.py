@@ -3,7 +3,7 @@
 Each entry says the symptom, the versions it was seen with (Keras 3.15.1, TensorFlow 2.21.0, JAX 0.10.2 unless
 said otherwise) and when to remove it. Import-safe: the frameworks are imported inside the functions.
 
-1. resolve_jit_compile   RandomTranslation turns XLA off for the whole model, on JAX too.
+1. resolve_jit_compile   RandomTranslation (in model files of earlier versions) turns XLA off, on JAX too.
 2. fuse_steps            Keras's JAX trainer dispatches every step of an execution separately.
 3. batches               Keras's own tf.data pipeline autotunes, and tearing it down waits up to a minute.
 4. FusedBatchNormalization  Keras 3's BatchNormalization is a dozen separate ops on TensorFlow's CPU.
@@ -12,6 +12,7 @@ said otherwise) and when to remove it. Import-safe: the frameworks are imported 
 7. RECURSION_LIMIT       Keras walks the layer graph recursively: ResNet-1001 needs ~10,000 frames.
 8. tensorboard_without_tensorflow  tensorboard's event writer imports TensorFlow when it is installed.
 9. without_tensorflow    set_random_seed and the .h5 loader import TensorFlow on every backend.
+10. build_before_first_step  TensorFlow traces the first training and evaluation step twice.
 """
 import contextlib
 import functools
@@ -22,19 +23,25 @@ from typing import NamedTuple
 # 1. Keras's RandomTranslation declares supports_jit=False, for TensorFlow's sake (XLA has no kernel for its
 # ImageProjectiveTransformV3: "tf2xla conversion failed"), and Keras's jit_compile="auto" then turns XLA off for
 # the whole model on every backend: JAX ran the step op by op (ResNet-20 on a 2-core EPYC: 218 vs 384 images/s
-# with XLA, same loss to float rounding). JAX's translation (map_coordinates) compiles, so on JAX the flag is
-# set on the instance (never saved). Remove when the augmentation no longer uses RandomTranslation, or when
-# Keras decides supports_jit per backend.
+# with XLA). The networks now augment with augmentation.PadAndCrop, but model files of earlier versions hold a
+# RandomTranslation: on JAX, whose translation (map_coordinates) compiles, the flag is set on the instance (never
+# saved). Remove when no such file needs evaluating, or when Keras decides supports_jit per backend.
 def resolve_jit_compile(model, jit_compile="auto"):
-    """XLA for the training step: on under JAX, Keras's own choice (off) on TensorFlow and PyTorch."""
+    """XLA for the training step. "auto": on under JAX; on TensorFlow where a GPU is visible (Keras's own rule)
+    unless the model holds a RandomTranslation, off on its CPU (XLA's CPU convolutions trained ResNet-32 at 0.59x
+    the speed: docs/performance.md); off on PyTorch."""
     import keras
-    if keras.backend.backend() != "jax":
-        return False if jit_compile == "auto" else jit_compile
-    if jit_compile is not False:
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.RandomTranslation):
-                layer.supports_jit = True  # an attribute of this instance only, never saved
-    return True if jit_compile == "auto" else jit_compile
+    backend = keras.backend.backend()
+    translations = [layer for layer in model.layers if isinstance(layer, keras.layers.RandomTranslation)]
+    if backend == "jax" and jit_compile is not False:
+        for layer in translations:
+            layer.supports_jit = True  # an attribute of this instance only, never saved
+    if jit_compile != "auto":
+        return jit_compile
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return bool(tf.config.list_physical_devices("GPU")) and not translations
+    return backend == "jax"
 
 
 # 2. Keras's JAX trainer runs an execution of N steps as a Python loop that dispatches the compiled step once
@@ -105,7 +112,7 @@ def batches(x, y, batch_size):
 # over memory with the backward pass); on TensorFlow's CPU the fused kernel tf.keras used (FusedBatchNormV3)
 # trains ResNet-32 1.35x faster in float32 (docs/performance.md). Same weights, names and numbers to float
 # rounding (tests/test_fast_path.py); checkpoints are written with Keras's own class (with_batch_normalization),
-# so they load without this code. Remove when Keras's TensorFlow backend calls the fused kernel itself.
+# so they load without this code (checkpoints.portable). Remove when Keras's TensorFlow backend calls the fused kernel itself.
 @functools.cache
 def batch_normalization_class():
     """keras.layers.BatchNormalization, or on TensorFlow without a GPU its fused twin."""
@@ -151,23 +158,6 @@ def _fused_batch_normalization_class():
             return tf.cast(y, self.compute_dtype)
 
     return FusedBatchNormalization
-
-
-def with_batch_normalization(model, cls):
-    """`model` with every BatchNormalization layer of class `cls`, same names and weights (a copy, or
-    `model` itself when nothing changes)."""
-    import keras
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    if all(type(layer) is cls for layer in norms):
-        return model
-
-    def clone(layer):
-        layer_class = cls if isinstance(layer, keras.layers.BatchNormalization) else layer.__class__
-        return layer_class.from_config(layer.get_config())
-    copy = keras.models.clone_model(model, clone_function=clone)
-    for layer in model.layers:
-        copy.get_layer(layer.name).set_weights(layer.get_weights())
-    return copy
 
 
 # 5. Two bugs of Keras 3.15 with MultiWorkerMirroredStrategy (keras-team/keras#20585), worked around through
@@ -251,3 +241,20 @@ def set_random_seed(seed):
     import keras
     with without_tensorflow():
         keras.utils.set_random_seed(seed)
+
+
+# 10. Without a distribution strategy, Keras's TensorFlow trainer builds the compiled metrics (the accuracy's
+# total and count) inside the first trace of the training step, and a tf.function whose first trace created
+# variables is traced again (TensorFlow's rule for variable creation): the whole step, forward and backward,
+# traced twice before the first step runs, and --evaluate's evaluation step likewise (Keras 3.15.1,
+# TensorFlow 2.21.0).
+# Built here from symbolic batches with Keras's own _symbolic_build, as Keras does under a strategy; one trace
+# each (tests/test_fast_path.py counts them). Remove when Keras builds the metrics before tracing on TensorFlow
+# (that test's count is then 1 without this).
+def build_before_first_step(model):
+    """The model's compiled metrics, loss and optimizer built before fit() or evaluate() traces a step."""
+    import keras
+    if keras.backend.backend() != "tensorflow":
+        return
+    image = keras.KerasTensor((None, *model.input_shape[1:]), "uint8")
+    model._symbolic_build(data_batch=(image, keras.KerasTensor((None,), "int32")))

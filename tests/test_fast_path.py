@@ -11,6 +11,7 @@ import pytest
 
 import recipe
 import train_resnet32
+import units
 import workarounds
 from conftest import build
 
@@ -63,12 +64,13 @@ def test_fused_batch_normalization_computes_what_keras_does(policy, precision, r
 @pytest.mark.parametrize("extension", [".h5", ".keras"])
 def test_saved_checkpoint_loads_in_plain_keras(trained, extension):
     """The .h5 and .keras of a real run load in a Python that cannot import this project, with Keras's own
-    classes."""
-    _, out, _ = trained
+    classes, on another backend than the one that trained it."""
+    backend, out, _ = trained
     path = out / "checkpoints" / f"resnet8_e_cifar10{extension}"
     code = ("import sys, keras; m = keras.models.load_model(sys.argv[1], compile=False); "
             "print(sorted({type(l).__module__.split('.')[0] for l in m.layers}), m.count_params())")
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": ""}
+    loader = {"tensorflow": "jax", "jax": "tensorflow", "torch": "jax"}[backend]
+    env = {**os.environ, "KERAS_BACKEND": loader, "PYTHONPATH": ""}
     result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=out, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -77,7 +79,7 @@ def test_saved_checkpoint_loads_in_plain_keras(trained, extension):
 
 def test_model_converts_between_batch_norm_classes_keeping_weights():
     model = build(train_resnet32, ["--stack-n", "1"])
-    plain = workarounds.with_batch_normalization(model, keras.layers.BatchNormalization)
+    plain = units.with_batch_normalization(model, keras.layers.BatchNormalization)
     norms = [layer for layer in plain.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms and all(type(layer) is keras.layers.BatchNormalization for layer in norms)
     assert [layer.name for layer in plain.layers] == [layer.name for layer in model.layers]
@@ -85,7 +87,7 @@ def test_model_converts_between_batch_norm_classes_keeping_weights():
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
     np.testing.assert_allclose(plain.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
-    assert workarounds.with_batch_normalization(plain, keras.layers.BatchNormalization) is plain
+    assert units.with_batch_normalization(plain, keras.layers.BatchNormalization) is plain
 
 
 @TENSORFLOW_ONLY
@@ -100,3 +102,27 @@ def test_tf_data_batches_are_the_arrays_in_order():
     assert [len(b[0]) for b in got] == [32, 32, 32, 4] and got[0][0].dtype == np.uint8
     np.testing.assert_array_equal(np.concatenate([b[0] for b in got]), x)
     np.testing.assert_array_equal(np.concatenate([b[1] for b in got]), y)
+
+
+@TENSORFLOW_ONLY
+def test_each_step_is_traced_once():
+    """workarounds.build_before_first_step: the training and the evaluation step each traced once (Keras alone
+    traces the first step twice on TensorFlow, the compiled metrics' variables being created in its first trace)."""
+    import training
+    model = build(train_resnet32, ["--stack-n", "1"])
+    recipe.compile_model(model, recipe.parse_lr_schedule("0:0.1"), 2, 2)
+    traces = {"train": 0, "test": 0}
+
+    def counting(kind, step):
+        def counted(data):
+            traces[kind] += 1
+            return step(data)
+        return counted
+    model.train_step = counting("train", model.train_step)
+    model.test_step = counting("test", model.test_step)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (64, 32, 32, 3)).astype("uint8"), rng.integers(0, 10, 64).astype("int32")
+    data = workarounds.batches(x, y, 16)
+    training.run_epoch(model, data, data, 0, 1)
+    training.run_epoch(model, data, data, 1, 2)
+    assert traces == {"train": 1, "test": 1}

@@ -128,7 +128,7 @@ def test_saved_h5_reloads_to_identical_predictions(cifar_dir, tmp_path):
     reloaded = keras.models.load_model(path, compile=False)  # Keras's own classes (test_fast_path.py)
     np.testing.assert_allclose(reloaded.predict(xt, verbose=0), model.predict(xt, verbose=0), rtol=1e-5, atol=1e-6)
     # with the kernels training used (what --evaluate does), the very same numbers
-    same_kernels = workarounds.with_batch_normalization(reloaded, workarounds.batch_normalization_class())
+    same_kernels = checkpoints.as_trained(reloaded)
     np.testing.assert_array_equal(same_kernels.predict(xt, verbose=0), model.predict(xt, verbose=0))
     assert [l.name for l in reloaded.layers] == [l.name for l in model.layers]
 
