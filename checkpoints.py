@@ -93,11 +93,13 @@ def check_resume(saved, record, path):
                          + "; rerun with the same settings, or choose another --run-name")
 
 
-def restore_state(model, path, config):
-    """The history saved with the state at `path` (weights and optimizer state loaded into `model`)."""
+def restore_state(model, path, config, saved=None):
+    """The history saved with the state at `path` (weights and optimizer state loaded into `model`). `saved`:
+    its record as the caller already read and checked it against `config` (else read and checked here)."""
     import warnings
-    saved = read_state_record(path)
-    check_resume(saved, config, path)
+    if saved is None:
+        saved = read_state_record(path)
+        check_resume(saved, config, path)
     try:
         model.optimizer.build(model.trainable_variables)
         with warnings.catch_warnings(record=True) as caught:

@@ -165,7 +165,8 @@ def _train(config, build_model, cluster, spec, paths, saved_state):
             print("\n".join(where_it_trains(model, devices, cluster.kind)), flush=True)
             try:
                 history, seconds, images_per_s = fit(model, config, data, writes, record, cluster,
-                                                     watchdog.beat if watchdog else None, resume_from=paths["state"])
+                                                     watchdog.beat if watchdog else None, resume_from=paths["state"],
+                                                     saved_state=saved_state)
             except Exception as error:  # a worker or device lost mid-run: the framework's error, one line
                 if config.distribute and (cluster.processes > 1 or distributed.is_runtime_error(error)):
                     message = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]

@@ -165,16 +165,17 @@ class ScalarLog:
             writer.close()
 
 
-# What a run reports to TensorBoard's HPARAMS tab: the settings that tell runs of a sweep apart.
+# What a run reports to TensorBoard's HPARAMS tab: the settings that tell runs of a sweep apart, and the
+# family script's own flags (RunConfig.family: depth, unit, ...).
 HPARAMS = ("model", "dataset", "seed", "epochs", "lr_schedule", "weight_decay", "precision", "batch_size",
-           "train_images", "val_split", "stack_n", "unit", "plain", "arch", "depth", "version", "layout",
-           "cardinality", "width", "impl", "recipe", "backend")
+           "train_images", "val_split", "backend")
 
 
-def hparams_of(record):
-    """The HPARAMS entries of a run's saved configuration: numbers, booleans and strings, None left out."""
+def hparams_of(record, family_flags=()):
+    """The HPARAMS entries and `family_flags` of a run's saved configuration: numbers, booleans and strings,
+    None left out."""
     return {key: record[key] if isinstance(record[key], (bool, int, float, str)) else str(record[key])
-            for key in HPARAMS if record.get(key) is not None}
+            for key in (*HPARAMS, *family_flags) if record.get(key) is not None}
 
 
 def _hparams_summary(tag, plugin_data):

@@ -2,6 +2,7 @@
 step, on the current backend (KERAS_BACKEND), timed in one process through the scripts' own functions:
 
     python bench.py profile DATA_DIR [SCRIPT] [family flags] [--train-images 10000] [--repeats 3]
+                            [--eval-batch-size N ...] [--fixed-only]
 
 Fixed cost, from the interpreter's start: Python and this project's imports, the framework's start, reading
 the data, building and compiling the model, the first execution of the training step (tracing and compiling
@@ -9,14 +10,12 @@ it) beyond a steady one, the first evaluation beyond a steady one.
 A steady-state epoch (the scripts' run_epoch: --train-images training images, then the test set), split into
 the training steps (and within them what the augmentation layers and the BatchNormalization layers cost, from
 the same steps with those layers replaced by identities), feeding the batches alone, the evaluation, the state
-checkpoint, and the rest (fit()'s per-epoch set-up, callbacks). Medians of --repeats, round-robin.
-Prints one PROFILE line per figure and a table.
+checkpoint, and the rest (fit()'s per-epoch set-up, callbacks); the evaluation in other batch sizes when
+asked. Medians of --repeats, round-robin. Prints the tables, the host's CPU and one PROFILE line.
 """
-import dataclasses
 import importlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -57,6 +56,8 @@ def profile(argv):
     parser.add_argument("--train-images", type=cli.positive_int, default=10000)
     parser.add_argument("--repeats", type=cli.positive_int, default=3)
     parser.add_argument("--fixed-only", action="store_true", help="stop after the start-up figures")
+    parser.add_argument("--eval-batch-size", type=cli.positive_int, nargs="*", default=[], metavar="N",
+                        help="also time the evaluation in batches of N (the scripts': training.eval_batch_size)")
     args, family_argv = parser.parse_known_args(argv)
     name = os.path.splitext(os.path.basename(args.script))[0]
     if not name.startswith("train_") or not os.path.isfile(f"{name}.py"):
@@ -119,7 +120,10 @@ def profile(argv):
     def feed():  # TensorFlow: the tf.data pipeline alone; elsewhere Keras slices the arrays as this does
         for item in (train.x if train.y is None else (train.x[i:i + config.batch_size] for i in range(0, len(train.x), config.batch_size))):
             pass
-    timings = {key: [] for key in ("epoch", *variants, "feeding", "evaluation", "state checkpoint")}
+    other_batches = {f"evaluation in batches of {n}": batches(xt, yt, n) for n in args.eval_batch_size}
+    for data in other_batches.values():
+        model.evaluate(*data, verbose=0)  # Keras may trace again for another batch shape: outside the timing
+    timings = {key: [] for key in ("epoch", *variants, "feeding", "evaluation", *other_batches, "state checkpoint")}
     with tempfile.TemporaryDirectory() as out:
         record = {k: 0 for k in ("model", "params", "dataset", "train_images", "batch_size", "seed", "precision",
                                  "lr_schedule", "weight_decay", "val_split")}
@@ -127,6 +131,7 @@ def profile(argv):
                    **{key: (lambda m=variant: run_epoch(m, train, None, 0, 1)) for key, variant in variants.items()},
                    "feeding": feed,
                    "evaluation": lambda: model.evaluate(*test, verbose=0),
+                   **{key: (lambda d=data: model.evaluate(*d, verbose=0)) for key, data in other_batches.items()},
                    "state checkpoint": lambda: save_state(model, os.path.join(out, "s.weights.h5"), [], record)}
         for _ in range(args.repeats):
             for key, action in actions.items():
@@ -151,7 +156,7 @@ def report(model, config, fixed, epoch, train_images, test_images):
         print(f"| {key} | {value:.2f} |")
     print(f"| **process start to the first step done** | **{to_first_step:.2f}** |")
     if epoch:
-        print(f"\n| steady-state epoch | s | share |\n|---|---:|---:|")
+        print("\n| steady-state epoch | s | share |\n|---|---:|---:|")
     for key, value in epoch.items():
         print(f"| {key} | {value:.2f} | {100 * value / epoch['epoch']:.0f} % |")
     parts = {**{f"fixed:{k}": v for k, v in fixed.items()}, "fixed:to_first_step": to_first_step,

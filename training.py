@@ -153,10 +153,11 @@ def run_epoch(model, train, test, epoch, epochs, verbose=0, beat=None):
     return {key: values[-1] for key, values in result.history.items()}
 
 
-def fit(model, config, data, paths, record, cluster=Cluster(), beat=None, resume_from=None):
+def fit(model, config, data, paths, record, cluster=Cluster(), beat=None, resume_from=None, saved_state=None):
     """Trains epoch by epoch, writing the history, TensorBoard scalars and the resume state to `paths` after
     each; with --resume continues from the state at `resume_from` (default: paths["state"]; in a cluster,
-    the chief's, on a folder every worker shares). Returns (history, seconds, training images per second) of this
+    the chief's, on a folder every worker shares), whose record `saved_state` the caller may have read and
+    checked already. Returns (history, seconds, training images per second) of this
     process's epochs."""
     import keras
     (x_train, y_train), (x_test, y_test), validation = data
@@ -164,7 +165,7 @@ def fit(model, config, data, paths, record, cluster=Cluster(), beat=None, resume
     resume_from = resume_from or paths["state"]
     history = []
     if config.resume and os.path.isfile(resume_from):
-        history = restore_state(model, resume_from, record)
+        history = restore_state(model, resume_from, record, saved_state)
         print(f"resuming {config.run_name} after epoch {len(history)} from {resume_from}")
     elif config.resume:
         print(f"nothing to resume at {resume_from}: starting {config.run_name} from epoch 1")
@@ -186,7 +187,7 @@ def fit(model, config, data, paths, record, cluster=Cluster(), beat=None, resume
         every_epoch = batches(validation[0][mine], validation[1][mine], eval_batch)
     else:
         every_epoch = test
-    log = ScalarLog(paths["log_run"], hparams=hparams_of(record))
+    log = ScalarLog(paths["log_run"], hparams=hparams_of(record, config.family))
     start = time.perf_counter()
     first = len(history)
     try:

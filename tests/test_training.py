@@ -10,7 +10,6 @@ import pytest
 import checkpoints
 import cifar_data
 import units
-import workarounds
 import train_resnet32
 import train_resnet_v2
 import train_resnet_variants
