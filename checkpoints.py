@@ -48,8 +48,9 @@ def save_model(model, *paths):
     with Keras's own layer classes (portable): it loads with plain keras.models.load_model, without this
     project's code."""
     model = portable(model)
-    for path in paths:
-        atomic_write(path, model.save)
+    with without_tensorflow():
+        for path in paths:
+            atomic_write(path, model.save)
 
 
 def save_state(model, path, history, config):

@@ -9,7 +9,7 @@ applications/resnet.py `stack_fn`, kuangliu's `ResNet(Bottleneck, [3, 4, 6, 3])`
 from dataclasses import dataclass
 
 from recipe import BN_EPSILON, BN_MOMENTUM, WEIGHT_DECAY
-from workarounds import batch_normalization_class
+from workarounds import batch_normalization_class, without_tensorflow
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,8 @@ def with_layers(model, replace):
 
     def clone(layer):
         return replacements[layer.name] or layer.__class__.from_config(layer.get_config())
-    copy = keras.models.clone_model(model, clone_function=clone)
+    with without_tensorflow():  # cloning serializes every layer's configuration
+        copy = keras.models.clone_model(model, clone_function=clone)
     for layer in model.layers:
         if copy.get_layer(layer.name).weights:  # a weightless replacement (an identity) takes none
             copy.get_layer(layer.name).set_weights(layer.get_weights())

@@ -11,7 +11,7 @@ said otherwise) and when to remove it. Import-safe: the frameworks are imported 
 6. steps_per_execution_limit  the multi-step loop fails inside MirroredStrategy; torch refuses N > 1.
 7. RECURSION_LIMIT       Keras walks the layer graph recursively: ResNet-1001 needs ~10,000 frames.
 8. tensorboard_without_tensorflow  tensorboard's event writer imports TensorFlow when it is installed.
-9. without_tensorflow    set_random_seed and the .h5 loader import TensorFlow on every backend.
+9. without_tensorflow    set_random_seed, the .h5 loader and serialization import TensorFlow on any backend.
 10. build_before_first_step  TensorFlow traces the first training and evaluation step twice.
 """
 import contextlib
@@ -216,10 +216,12 @@ def tensorboard_without_tensorflow():
     sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 
-# 9. Two Keras 3.15 functions import TensorFlow whenever it is installed, whatever the backend: set_random_seed
-# (to seed tf.random too) and the .h5 loader's JSON decoding (to rebuild TensorShapes): a JAX or PyTorch run or
-# --evaluate then starts TensorFlow (its start-up lines, its memory). On those backends they run with TensorFlow's
-# import refused for the call (Keras then skips its TensorFlow part; nothing of it is used there). Remove when
+# 9. Keras 3.15 imports TensorFlow whenever it is installed, whatever the backend, in set_random_seed (to seed
+# tf.random too), in the .h5 loader's JSON decoding (to rebuild TensorShapes) and in serialize_keras_object (to
+# test for a TensorShape: every get_config of a layer's dtype policy, so cloning or saving a model): a JAX or
+# PyTorch run or --evaluate then starts TensorFlow (its start-up lines, its memory). On those backends they run
+# with TensorFlow's import refused for the call (Keras then skips its TensorFlow part; nothing of it is used
+# there; Keras remembers the refusal for the rest of the process). Remove when
 # Keras asks for TensorFlow only on the TensorFlow backend (a torch run's sys.modules then never holds it:
 # tests/test_training.py).
 @contextlib.contextmanager

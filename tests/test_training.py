@@ -165,14 +165,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.mark.parametrize("backend", ["torch"])  # JAX's runs are the same code path (and run TensorFlow-blocked)
 def test_no_tensorflow_import_on_other_backends(cifar_dir, tmp_path, backend):
-    """With TensorFlow installed (not blocked), a PyTorch run and --evaluate of its .h5 never import it."""
+    """With TensorFlow installed (not blocked), a PyTorch run and --evaluate of its .h5 and .keras never
+    import it."""
     import subprocess
     import sys
     script = os.path.join(ROOT, "train_resnet32.py")
     env = {**os.environ, "KERAS_BACKEND": backend}
     runs = [[script, "--data-dir", cifar_dir, *TINY_RUN, "--epochs", "1", "--log-dir", tmp_path / "logs",
              "--checkpoint-dir", tmp_path / "checkpoints"],
-            [script, "--data-dir", cifar_dir, "--evaluate", tmp_path / "checkpoints" / "resnet8_e_cifar10.h5"]]
+            *([script, "--data-dir", cifar_dir, "--evaluate", tmp_path / "checkpoints" / f"resnet8_e_cifar10{ext}"]
+              for ext in (".keras", ".h5"))]
     for argv in runs:
         result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW_AT_EXIT.format(root=ROOT), *map(str, argv)],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
