@@ -6,6 +6,7 @@ from a table of (filters, units, stride[, width]) rows, so a family is a unit an
 applications/resnet.py `stack_fn`, kuangliu's `ResNet(Bottleneck, [3, 4, 6, 3])`). Layer names are fixed
 (stage2_unit1_conv1, ...) so that .h5 weights reload by name.
 """
+import warnings
 from dataclasses import dataclass
 
 from recipe import BN_EPSILON, BN_MOMENTUM, WEIGHT_DECAY
@@ -158,7 +159,11 @@ def with_layers(model, replace):
 
     def clone(layer):
         return replacements[layer.name] or layer.__class__.from_config(layer.get_config())
-    with without_tensorflow():  # cloning serializes every layer's configuration
+    # Cloning serializes every layer's configuration (without_tensorflow), and clone_model compiles the copy
+    # with the model's own compile configuration: a copy holding a RandomTranslation (checkpoints.portable) cannot
+    # take JAX's jit_compile=True, which Keras says in a warning. That copy is saved, never trained.
+    with without_tensorflow(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
         copy = keras.models.clone_model(model, clone_function=clone)
     for layer in model.layers:
         if copy.get_layer(layer.name).weights:  # a weightless replacement (an identity) takes none
