@@ -39,8 +39,8 @@ from outputs import (CHECKPOINT_FILES, check_free_space, check_writable_dir, fin
                      private_run_paths, remove_stale_temporaries, run_paths, write_text)
 from recipe import MOMENTUM, NESTEROV, compile_model
 from training import checkpoint_bytes, eval_batch_size, fit
-from workarounds import (batches, build_before_first_step, prepare_multi_worker_fit, resolve_jit_compile,
-                         set_random_seed)
+from workarounds import (batches, build_before_first_step, prepare_multi_worker_fit, release_activations,
+                         resolve_jit_compile, set_random_seed)
 
 
 def main(description, add_arguments, run_name, build_model, resolve=None, argv=None):
@@ -213,6 +213,7 @@ def _evaluate(config, spec):
                          "(is --dataset right?)")
     model = as_trained(model)  # the layer classes and kernels training evaluated with
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=resolve_jit_compile(model))
+    release_activations(model)
     build_before_first_step(model)
     start = time.perf_counter()
     loss, accuracy = model.evaluate(*batches(x_test, y_test, eval_batch_size(model)), verbose=0)

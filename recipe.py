@@ -68,7 +68,7 @@ def compile_model(model, lr_schedule, steps_per_epoch, steps_per_execution, jit_
     XLA where it runs the step (workarounds.resolve_jit_compile) and `steps_per_execution` steps per call."""
     import keras
 
-    from workarounds import build_before_first_step, fuse_steps, resolve_jit_compile
+    from workarounds import build_before_first_step, fuse_steps, release_activations, resolve_jit_compile
     if len(lr_schedule) == 1:
         learning_rate = lr_schedule[0][1]
     else:
@@ -81,6 +81,7 @@ def compile_model(model, lr_schedule, steps_per_epoch, steps_per_execution, jit_
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   jit_compile=resolve_jit_compile(model, jit_compile), steps_per_execution=steps_per_execution)
     fuse_steps(model)
+    release_activations(model)
     build_before_first_step(model)
 
 

@@ -22,21 +22,22 @@ from outputs import ScalarLog, check_free_space, clear_old_events, hparams_of, w
 from workarounds import batches
 
 EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for a backward pass: bigger batches, same numbers
-# ... except on PyTorch, where Keras runs a functional model eagerly and keeps every layer's output of the batch
-# until the forward pass ends: at 1000 images ResNeXt-29 2x4d needed 23 GB. There the batch is what fits
-# EVAL_ACTIVATION_BYTES of layer outputs (measured on a 2-core EPYC: ResNeXt-29 2x4d at 100 images 3.2 GB
-# resident, at 25 images 1.3 GB; docs/performance.md).
+# ... except where they would not fit: on PyTorch Keras runs a functional model eagerly, and even with each
+# layer's output dropped after its last use (workarounds.release_activations) a batch of 1000 keeps a few
+# whole-width layer outputs alive (ResNeXt-29 8x64d: 5 MB an image). There the batch is what fits
+# EVAL_ACTIVATION_BYTES of live layer outputs (docs/performance.md has the measured memory).
 EVAL_ACTIVATION_BYTES = 2 * 2**30
 
 
 def eval_batch_size(model):
-    """EVAL_BATCH_SIZE, or on PyTorch as many images (at least 8) as EVAL_ACTIVATION_BYTES of float32 layer
-    outputs hold."""
+    """EVAL_BATCH_SIZE, or on PyTorch as many images (at least 8) as EVAL_ACTIVATION_BYTES of live float32
+    layer outputs hold."""
     import keras
+
+    from workarounds import live_bytes_per_image
     if keras.backend.backend() != "torch":
         return EVAL_BATCH_SIZE
-    per_image = sum(4 * int(np.prod(layer.output.shape[1:])) for layer in model.layers)
-    return int(min(EVAL_BATCH_SIZE, max(8, EVAL_ACTIVATION_BYTES // per_image)))
+    return int(min(EVAL_BATCH_SIZE, max(8, EVAL_ACTIVATION_BYTES // live_bytes_per_image(model))))
 # The host may run this many executions (of steps_per_execution steps) ahead of the last one whose loss was
 # checked for NaN: enough to keep a GPU's queue full, and the bound on how far a NaN run goes on.
 MAX_UNCHECKED_EXECUTIONS = 8

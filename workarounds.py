@@ -13,6 +13,7 @@ said otherwise) and when to remove it. Import-safe: the frameworks are imported 
 8. tensorboard_without_tensorflow  tensorboard's event writer imports TensorFlow when it is installed.
 9. without_tensorflow    set_random_seed, the .h5 loader and serialization import TensorFlow on any backend.
 10. build_before_first_step  TensorFlow traces the first training and evaluation step twice.
+11. release_activations  a functional model on PyTorch holds every layer's output until its forward pass ends.
 """
 import contextlib
 import functools
@@ -260,3 +261,77 @@ def build_before_first_step(model):
         return
     image = keras.KerasTensor((None, *model.input_shape[1:]), "uint8")
     model._symbolic_build(data_batch=(image, keras.KerasTensor((None,), "int32")))
+
+
+# 11. Keras runs a functional model on PyTorch eagerly, node by node, and keeps every node's output in one dict
+# until the forward pass ends (keras/src/ops/function.py, Function._run_through_graph, Keras 3.15.1): under
+# evaluation's torch.no_grad that is the whole network's activations of the batch at once (ResNeXt-29 2x4d at
+# 1000 test images: 23 GB, killed). Here the model's own graph runs in Keras's order, each output dropped after
+# the last node that reads it, so evaluation holds a few layers' outputs (training holds what autograd keeps,
+# as before). Keras's torch tree flattening of a list argument (an Add's inputs) leaves those tensors in a
+# reference cycle, freed only by the garbage collector: collected after each such node. An attribute of this
+# model instance only, never saved. Remove when Keras frees them itself: tests/test_fast_path.py's torch test
+# counts the outputs alive under Keras's own method ("before"), the layer count today.
+def _schedule(model):
+    """The functional graph's nodes in Keras's execution order and, for each, the tensors it reads last."""
+    order = [node for depth in sorted(model._nodes_by_depth, reverse=True)
+             for node in model._nodes_by_depth[depth] if node.operation and not node.is_input]
+    last_reader = {}
+    for i, node in enumerate(order):
+        for tensor in node.input_tensors:
+            last_reader[id(tensor)] = i
+    for i, node in enumerate(order):  # an output nobody reads goes at once
+        for tensor in node.outputs:
+            last_reader.setdefault(id(tensor), i)
+    kept = {id(tensor) for tensor in model.outputs}
+    dead = [[] for _ in order]
+    for tensor, i in last_reader.items():
+        if tensor not in kept:
+            dead[i].append(tensor)
+    return order, dead
+
+
+def live_bytes_per_image(model):
+    """The most float32 bytes of layer outputs one image keeps alive at once when release_activations runs
+    the model (inputs and outputs included)."""
+    import numpy as np
+    order, dead = _schedule(model)
+    size = {id(t): 4 * int(np.prod(t.shape[1:])) for t in model.inputs}
+    size.update({id(t): 4 * int(np.prod(t.shape[1:])) for node in order for t in node.outputs})
+    live = sum(size[id(t)] for t in model.inputs)
+    peak = live
+    for node, gone in zip(order, dead):
+        live += sum(size[id(t)] for t in node.outputs)
+        peak = max(peak, live)
+        live -= sum(size[t] for t in gone)
+    return peak
+
+
+def release_activations(model):
+    """On PyTorch, run this functional model dropping each layer's output after its last use."""
+    import gc
+    import types
+
+    import keras
+    if keras.backend.backend() != "torch":
+        return
+    order, dead = _schedule(model)
+    operations = [model._get_operation_for_node(node) for node in order]
+    graph_run = type(model)._run_through_graph
+
+    def run_through_graph(self, inputs, operation_fn=lambda op: op, call_fn=None):
+        if call_fn is not None:  # symbolic runs (output shapes): Keras's own
+            return graph_run(self, inputs, operation_fn, call_fn)
+        tensors = {id(x): y for x, y in zip(self.inputs, keras.tree.flatten(inputs))}
+        for node, operation, gone in zip(order, operations, dead):
+            args, kwargs = node.arguments.fill_in(tensors)
+            outputs = operation_fn(operation)(*args, **kwargs)
+            for x, y in zip(node.outputs, keras.tree.flatten(outputs)):
+                tensors[id(x)] = y
+            for tensor in gone:
+                del tensors[tensor]
+            if len(node.input_tensors) > 1:
+                gc.collect(1)  # the cycle its list argument left (above)
+        return keras.tree.pack_sequence_as(self._outputs_struct, [tensors[id(x)] for x in self.outputs])
+
+    object.__setattr__(model, "_run_through_graph", types.MethodType(run_through_graph, model))

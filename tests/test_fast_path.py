@@ -126,3 +126,63 @@ def test_each_step_is_traced_once():
     training.run_epoch(model, data, data, 0, 1)
     training.run_epoch(model, data, data, 1, 2)
     assert traces == {"train": 1, "test": 1}
+
+
+RELEASE_ON_TORCH = """
+import json, sys, weakref
+import numpy as np
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import keras, torch, train_resnext, workarounds
+from conftest import build
+from keras.src.models.functional import operation_fn
+model = build(train_resnext, ["--cardinality", "2", "--width", "4"])
+x = torch.as_tensor(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32"))
+
+
+def peak_alive():
+    outputs, peak = [], 0
+
+    def spy(operation):
+        def run(*args, **kwargs):
+            nonlocal peak
+            y = operation_fn(operation, training=False)(*args, **kwargs)
+            outputs.extend(weakref.ref(t) for t in keras.tree.flatten(y))
+            peak = max(peak, sum(ref() is not None for ref in outputs))
+            return y
+        return run
+    with torch.no_grad():
+        y = model._run_through_graph([x], operation_fn=spy)
+    return peak, y.numpy()
+
+
+before, expected = peak_alive()
+workarounds.release_activations(model)
+after, got = peak_alive()
+with torch.no_grad():
+    called = model(x, training=False).numpy()
+print(json.dumps({{"layers": len(model.layers), "before": before, "after": after,
+                  "same": bool(np.array_equal(got, expected) and np.array_equal(called, expected))}}))
+"""
+
+
+def test_torch_forward_keeps_only_live_layer_outputs():
+    """workarounds.release_activations: on PyTorch a layer's output is dropped after its last reader (Keras
+    alone keeps every one until the forward pass ends), with the same predictions."""
+    code = RELEASE_ON_TORCH.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   tests=os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KERAS_BACKEND": "torch"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    assert seen["same"]
+    assert seen["before"] >= seen["layers"] - 1  # Keras alone: every layer's output alive at the end
+    assert seen["after"] <= 6, seen  # a unit's input, its branch's current outputs, the shortcut
+
+
+@pytest.mark.parametrize("script, argv", [(train_resnet32, ["--stack-n", "2"])])
+def test_live_bytes_count_the_widest_moment_not_every_layer(script, argv):
+    model = build(script, argv)
+    every_layer = sum(4 * int(np.prod(layer.output.shape[1:])) for layer in model.layers)
+    unit_output = 4 * 32 * 32 * 16
+    live = workarounds.live_bytes_per_image(model)
+    assert 2 * unit_output <= live <= 6 * unit_output < every_layer / 4
