@@ -12,7 +12,7 @@ import sys
 import tempfile
 
 from errors import UsageError
-from workarounds import RECURSION_LIMIT, steps_per_execution_limit
+from workarounds import RECURSION_LIMIT, steps_per_execution_limit, without_unused_imports
 
 BACKENDS = ("tensorflow", "jax", "torch")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # "auto" or a Keras dtype policy
@@ -128,7 +128,8 @@ def quiet_start(start):
 
 
 def _start_framework(cpu_devices):
-    import keras
+    with without_unused_imports(backend_name()):
+        import keras
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
         cpus = tf.config.list_physical_devices("CPU")

@@ -68,7 +68,8 @@ def compile_model(model, lr_schedule, steps_per_epoch, steps_per_execution, jit_
     XLA where it runs the step (workarounds.resolve_jit_compile) and `steps_per_execution` steps per call."""
     import keras
 
-    from workarounds import build_before_first_step, fuse_steps, release_activations, resolve_jit_compile
+    from workarounds import (build_before_first_step, fuse_steps, fused_momentum_update, release_activations,
+                             resolve_jit_compile)
     if len(lr_schedule) == 1:
         learning_rate = lr_schedule[0][1]
     else:
@@ -77,7 +78,9 @@ def compile_model(model, lr_schedule, steps_per_epoch, steps_per_execution, jit_
         learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
             boundaries=[epoch * steps_per_epoch - 1 for epoch, _ in lr_schedule[1:]],
             values=[lr for _, lr in lr_schedule])
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=MOMENTUM, nesterov=NESTEROV),
+    optimizer = keras.optimizers.SGD(learning_rate, momentum=MOMENTUM, nesterov=NESTEROV)
+    fused_momentum_update(optimizer)
+    model.compile(optimizer=optimizer,
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   jit_compile=resolve_jit_compile(model, jit_compile), steps_per_execution=steps_per_execution)
     fuse_steps(model)

@@ -14,10 +14,13 @@ said otherwise) and when to remove it. Import-safe: the frameworks are imported 
 9. without_tensorflow    set_random_seed, the .h5 loader and serialization import TensorFlow on any backend.
 10. build_before_first_step  TensorFlow traces the first training and evaluation step twice.
 11. release_activations  a functional model on PyTorch holds every layer's output until its forward pass ends.
+12. fused_momentum_update  Keras's SGD makes TensorFlow trace six Keras operations per variable.
+13. without_unused_imports  importing Keras imports matplotlib, IPython and (through TensorFlow) JAX if installed.
 """
 import contextlib
 import functools
 import itertools
+import sys
 from typing import NamedTuple
 
 
@@ -129,6 +132,7 @@ def batch_normalization_class():
 @functools.cache
 def _fused_batch_normalization_class():
     import keras
+    import numpy as np
     import tensorflow as tf
 
     @keras.saving.register_keras_serializable(package="resnet_cifar")
@@ -138,27 +142,83 @@ def _fused_batch_normalization_class():
 
         def _fusable(self, inputs, mask):
             return (mask is None and not self.synchronized and not self.renorm and self.scale and self.center
-                    and len(inputs.shape) == 4 and self.axis in (-1, 3))
+                    and len(inputs.shape) == 4 and self.axis in (-1, 3) and self.variable_dtype == "float32")
 
         def call(self, inputs, training=None, mask=None):
             if not self._fusable(inputs, mask):
                 return super().call(inputs, training=training, mask=mask)
+            # TensorFlow's own ops on the float32 tf.Variables (Keras's variables here never autocast): the same
+            # arithmetic as Keras's operators, traced without Keras's per-op dtype logic (a trace of ResNet-32
+            # holds 31 of these layers)
             x = inputs if inputs.dtype in (tf.float16, tf.bfloat16, tf.float32) else tf.cast(inputs, "float32")
             train = bool(training and self.trainable)
             empty = tf.constant([], "float32")
             y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                x=x, scale=tf.cast(self.gamma, "float32"), offset=tf.cast(self.beta, "float32"),
-                mean=empty if train else tf.cast(self.moving_mean, "float32"),
-                variance=empty if train else tf.cast(self.moving_variance, "float32"),
+                x=x, scale=self.gamma.value, offset=self.beta.value,
+                mean=empty if train else self.moving_mean.value, variance=empty if train else self.moving_variance.value,
                 epsilon=self.epsilon, data_format="NHWC", is_training=train)
             if train:
-                n = tf.cast(tf.size(x) // tf.shape(x)[-1], "float32")
-                variance = variance * ((n - 1.0) / n)  # the kernel returns the unbiased variance; Keras's is biased
-                for average, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+                if x.shape[:-1].is_fully_defined():
+                    n = np.float32(x.shape[:-1].num_elements())
+                else:  # the batch's size is known only when it runs
+                    n = tf.cast(tf.size(x) // x.shape[-1], "float32")
+                variance = variance * ((n - 1) / n)  # the kernel returns the unbiased variance; Keras's is biased
+                for average, batch in ((self.moving_mean.value, mean), (self.moving_variance.value, variance)):
                     average.assign(average * self.momentum + batch * (1.0 - self.momentum))
-            return tf.cast(y, self.compute_dtype)
+            return y if y.dtype == self.compute_dtype else tf.cast(y, self.compute_dtype)
 
     return FusedBatchNormalization
+
+
+# 12. Keras's SGD updates each variable with six Keras operations (keras/src/optimizers/sgd.py, Keras 3.15.1),
+# whose Python dtype logic made the optimizer 30 % of the time TensorFlow takes to trace ResNet-32's training step
+# (py-spy, docs/performance.md). On TensorFlow without a distribution strategy each update is instead
+# TensorFlow's one kernel for exactly that arithmetic (ResourceApplyKerasMomentum: accum = accum * momentum -
+# grad * lr; var += accum, or with Nesterov var += accum * momentum - grad * lr): the same weights bit for bit
+# (tests/test_fast_path.py), one op per variable in the graph. An attribute of this optimizer instance only
+# (nothing saved changes). Remove when Keras's TensorFlow SGD calls the kernel itself.
+def fused_momentum_update(optimizer):
+    """On TensorFlow (no distribution strategy), `optimizer` (Keras SGD with momentum) updates each variable
+    with TensorFlow's fused momentum kernel."""
+    import keras
+    if keras.backend.backend() != "tensorflow" or not optimizer.momentum:
+        return
+    import tensorflow as tf
+    if tf.distribute.has_strategy():  # Keras's own update handles mirrored variables
+        return
+
+    def update_step(gradient, variable, learning_rate):
+        dtype = variable.dtype
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=variable.handle, accum=optimizer.momentums[optimizer._get_variable_index(variable)].handle,
+            lr=tf.cast(learning_rate, dtype), grad=tf.cast(gradient, dtype), momentum=tf.cast(optimizer.momentum, dtype),
+            use_nesterov=optimizer.nesterov)
+
+    optimizer.update_step = update_step
+
+
+# 13. Importing Keras imports every optional package it finds installed, whatever the backend: matplotlib.pyplot
+# (keras.src.visualization), IPython (keras.src.saving.file_editor) and, through TensorFlow's tf.lite, JAX: about
+# 1.2 s of the framework's start on a 2-core AMD EPYC (docs/performance.md), for modules a training run never
+# uses. Each is imported there under `try: ... except ImportError`, so devices.configure_backend imports Keras
+# with them refused (JAX only when it is not the backend); afterwards they import normally. Keras's image
+# gallery plot and TensorFlow Lite's JAX conversion stay off in this process. Remove when Keras and TensorFlow
+# import them lazily (`python -X importtime -c "import keras"` then lists none of them).
+UNUSED_AT_IMPORT = ("matplotlib", "IPython", "jax")
+
+
+@contextlib.contextmanager
+def without_unused_imports(backend):
+    """Within: importing UNUSED_AT_IMPORT (less the backend itself) raises ImportError, unless already imported."""
+    refused = [name for name in UNUSED_AT_IMPORT if name != backend and name not in sys.modules]
+    for name in refused:
+        sys.modules[name] = None
+    try:
+        yield
+    finally:
+        for name in refused:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 # 5. Two bugs of Keras 3.15 with MultiWorkerMirroredStrategy (keras-team/keras#20585), worked around through
@@ -212,7 +272,6 @@ RECURSION_LIMIT = 20_000
 # the presence of a module named tensorboard.compat.notf (its "no_tensorflow" build target): registered here,
 # before the writer is imported. Remove when tensorboard's writer stops importing TensorFlow.
 def tensorboard_without_tensorflow():
-    import sys
     import types
     sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
@@ -227,8 +286,6 @@ def tensorboard_without_tensorflow():
 # tests/test_training.py).
 @contextlib.contextmanager
 def without_tensorflow():
-    import sys
-
     import keras
     if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
         yield

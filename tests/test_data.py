@@ -38,6 +38,18 @@ def test_pixels_keep_their_layout(tmp_path):
     assert (xt[0, 3, 7] == (255, 0, 0)).all() and xt.sum() == 255 and yt.tolist() == [4]
 
 
+def test_every_image_is_its_rows_transposed_in_file_order(cifar_dir):
+    """All training batches, concatenated in file order, each image its CHW row as HWC (channel planes copied)."""
+    spec = cifar_data.DATASETS["cifar10"]
+    expected = []
+    for name in spec.train_files:
+        with open(f"{cifar_dir}/{spec.folder}/{name}", "rb") as f:  # the test's own files
+            expected.append(pickle.load(f, encoding="bytes")[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    (x, _), _ = load(cifar_dir)
+    assert len(expected) == 5 and x.flags.c_contiguous
+    np.testing.assert_array_equal(x, np.concatenate(expected))
+
+
 def test_train_limit(cifar_dir):
     (x, y), (xt, _) = load(cifar_dir, train_limit=50)
     (x_all, y_all), _ = load(cifar_dir)

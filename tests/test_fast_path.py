@@ -105,6 +105,59 @@ def test_tf_data_batches_are_the_arrays_in_order():
 
 
 @TENSORFLOW_ONLY
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_fused_momentum_update_trains_to_the_same_weights(nesterov):
+    """workarounds.fused_momentum_update: TensorFlow's fused kernel gives Keras's SGD's weights bit for bit,
+    with one update op per variable in the traced step instead of Keras's several."""
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(0, 1, (64, 8)).astype("float32"), rng.integers(0, 4, 64).astype("int32")
+    results, update_ops = [], []
+    for fused in (False, True):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(4)])
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay([2], [0.1, 0.01])
+        optimizer = keras.optimizers.SGD(schedule, momentum=recipe.MOMENTUM, nesterov=nesterov)
+        if fused:
+            workarounds.fused_momentum_update(optimizer)
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results.append([w.numpy() for w in model.weights + optimizer.momentums])
+        ones = [tf.ones_like(v) for v in model.trainable_variables]
+        graph = tf.function(lambda: optimizer.apply(ones, model.trainable_variables)).get_concrete_function().graph
+        update_ops.append(sorted(op.type for op in graph.get_operations() if "Variable" in op.type or "Apply" in op.type))
+    assert update_ops[1].count("ResourceApplyKerasMomentum") == 4 and "ResourceApplyKerasMomentum" not in update_ops[0]
+    assert len(update_ops[1]) < len(update_ops[0]) - 4, update_ops
+    assert len(results[0]) == 8 and not np.array_equal(results[0][0], results[0][0] * 0)
+    for expected, got in zip(*results):
+        np.testing.assert_array_equal(got, expected)
+
+
+START_AND_LIST = """
+import importlib.util, sys
+import devices, workarounds
+backend = devices.configure_backend()
+installed = [n for n in workarounds.UNUSED_AT_IMPORT if n != backend and importlib.util.find_spec(n)]
+print(backend, installed, [n for n in installed if n in sys.modules])
+import matplotlib.pyplot
+print("importable after:", "matplotlib.pyplot" in sys.modules)
+"""
+
+
+def test_framework_start_leaves_out_unused_packages():
+    """workarounds.without_unused_imports: starting the framework imports none of the optional packages Keras
+    would pull in (matplotlib, IPython, JAX unless it is the backend), and they import normally afterwards."""
+    result = subprocess.run([sys.executable, "-c", START_AND_LIST], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "KERAS_BACKEND": keras.backend.backend()},
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2].startswith(keras.backend.backend()) and "'matplotlib'" in lines[-2]  # matplotlib: requirements.txt
+    assert lines[-2].endswith(" []"), lines[-2]
+    assert lines[-1] == "importable after: True"
+
+
+@TENSORFLOW_ONLY
 def test_each_step_is_traced_once():
     """workarounds.build_before_first_step: the training and the evaluation step each traced once (Keras alone
     traces the first step twice on TensorFlow, the compiled metrics' variables being created in its first trace)."""

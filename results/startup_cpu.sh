@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The fixed cost before ResNet-32's first training step on TensorFlow/CPU, back to back: commit 10cb1ff (before
+# the start-up work of docs/performance.md), d92a805 (one trace per step) and this checkout, each measured by
+# this checkout's profile_epoch.py (`--fixed-only`: process start to the first step done), ROUNDS rounds
+# alternated. One PROFILE line per run; run on an idle machine.
+#   bash results/startup_cpu.sh DATA_DIR [ROUNDS]     # DATA_DIR holds cifar-10-batches-py/
+set -euo pipefail
+DATA=$(realpath "${1:?usage: bash results/startup_cpu.sh DATA_DIR [ROUNDS]}")
+ROUNDS=${2:-3}
+cd "$(dirname "$0")/.."
+HERE=$(pwd)
+WORK=$(mktemp -d)
+trap 'for c in 10cb1ff d92a805; do git -C "$HERE" worktree remove --force "$WORK/$c" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
+for commit in 10cb1ff d92a805; do
+  git worktree add --detach --force "$WORK/$commit" "$commit" >/dev/null 2>&1
+  cp profile_epoch.py "$WORK/$commit/"
+done
+echo "host CPU: $(python -c 'import devices; print(devices.cpu_model())')"
+for round in $(seq "$ROUNDS"); do
+  for where in "$WORK/10cb1ff" "$WORK/d92a805" "$HERE"; do
+    label=$([ "$where" = "$HERE" ] && echo "this checkout ($(git rev-parse --short HEAD))" || basename "$where")
+    (cd "$where" && python -c "import sys, profile_epoch; profile_epoch.profile(sys.argv[1:])" "$DATA" --fixed-only \
+      2>/dev/null | grep '^PROFILE' | sed "s|^|round=$round code=${label// /_} |")
+  done
+done
