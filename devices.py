@@ -44,22 +44,33 @@ def backend_name():
     return name
 
 
-def cpu_model():
-    """The host CPU's model name (speed figures are written next to it: hosts differ about 3x)."""
+def _cpuinfo():
+    """(model name, flags) of the first CPU in /proc/cpuinfo; ("unknown", []) where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+            lines = f.read().splitlines()
     except OSError:
-        return "unknown"
+        return "unknown", []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return name, flags
+
+
+# The host classes a speed figure depends on, widest first (the same "AMD EPYC" label covers Zen 3 and Zen 4).
+CPU_CLASSES = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
+def cpu_model():
+    """The host CPU's model name, its widest vector unit and its core count, e.g. "AMD EPYC (AVX512-BF16, 2 cores)":
+    speed figures are written next to it (hosts differ about 3x)."""
+    name, flags = _cpuinfo()
+    unit = next((label for flag, label in CPU_CLASSES if flag in flags), None)
+    return f"{name} ({unit + ', ' if unit else ''}{len(os.sched_getaffinity(0))} cores)"
 
 
 def cpu_has_bfloat16():
     """AVX512-BF16 or AMX: the CPU computes bfloat16 natively (oneDNN then runs bf16 convolutions)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    flags = _cpuinfo()[1]
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -155,7 +155,8 @@ def _fused_batch_normalization_class():
             empty = tf.constant([], "float32")
             y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
                 x=x, scale=self.gamma.value, offset=self.beta.value,
-                mean=empty if train else self.moving_mean.value, variance=empty if train else self.moving_variance.value,
+                mean=empty if train else self.moving_mean.value,
+                variance=empty if train else self.moving_variance.value,
                 epsilon=self.epsilon, data_format="NHWC", is_training=train)
             if train:
                 if x.shape[:-1].is_fully_defined():
@@ -168,57 +169,6 @@ def _fused_batch_normalization_class():
             return y if y.dtype == self.compute_dtype else tf.cast(y, self.compute_dtype)
 
     return FusedBatchNormalization
-
-
-# 12. Keras's SGD updates each variable with six Keras operations (keras/src/optimizers/sgd.py, Keras 3.15.1),
-# whose Python dtype logic made the optimizer 30 % of the time TensorFlow takes to trace ResNet-32's training step
-# (py-spy, docs/performance.md). On TensorFlow without a distribution strategy each update is instead
-# TensorFlow's one kernel for exactly that arithmetic (ResourceApplyKerasMomentum: accum = accum * momentum -
-# grad * lr; var += accum, or with Nesterov var += accum * momentum - grad * lr): the same weights bit for bit
-# (tests/test_fast_path.py), one op per variable in the graph. An attribute of this optimizer instance only
-# (nothing saved changes). Remove when Keras's TensorFlow SGD calls the kernel itself.
-def fused_momentum_update(optimizer):
-    """On TensorFlow (no distribution strategy), `optimizer` (Keras SGD with momentum) updates each variable
-    with TensorFlow's fused momentum kernel."""
-    import keras
-    if keras.backend.backend() != "tensorflow" or not optimizer.momentum:
-        return
-    import tensorflow as tf
-    if tf.distribute.has_strategy():  # Keras's own update handles mirrored variables
-        return
-
-    def update_step(gradient, variable, learning_rate):
-        dtype = variable.dtype
-        tf.raw_ops.ResourceApplyKerasMomentum(
-            var=variable.handle, accum=optimizer.momentums[optimizer._get_variable_index(variable)].handle,
-            lr=tf.cast(learning_rate, dtype), grad=tf.cast(gradient, dtype), momentum=tf.cast(optimizer.momentum, dtype),
-            use_nesterov=optimizer.nesterov)
-
-    optimizer.update_step = update_step
-
-
-# 13. Importing Keras imports every optional package it finds installed, whatever the backend: matplotlib.pyplot
-# (keras.src.visualization), IPython (keras.src.saving.file_editor) and, through TensorFlow's tf.lite, JAX: about
-# 1.2 s of the framework's start on a 2-core AMD EPYC (docs/performance.md), for modules a training run never
-# uses. Each is imported there under `try: ... except ImportError`, so devices.configure_backend imports Keras
-# with them refused (JAX only when it is not the backend); afterwards they import normally. Keras's image
-# gallery plot and TensorFlow Lite's JAX conversion stay off in this process. Remove when Keras and TensorFlow
-# import them lazily (`python -X importtime -c "import keras"` then lists none of them).
-UNUSED_AT_IMPORT = ("matplotlib", "IPython", "jax")
-
-
-@contextlib.contextmanager
-def without_unused_imports(backend):
-    """Within: importing UNUSED_AT_IMPORT (less the backend itself) raises ImportError, unless already imported."""
-    refused = [name for name in UNUSED_AT_IMPORT if name != backend and name not in sys.modules]
-    for name in refused:
-        sys.modules[name] = None
-    try:
-        yield
-    finally:
-        for name in refused:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
 
 
 # 5. Two bugs of Keras 3.15 with MultiWorkerMirroredStrategy (keras-team/keras#20585), worked around through
@@ -392,3 +342,55 @@ def release_activations(model):
         return keras.tree.pack_sequence_as(self._outputs_struct, [tensors[id(x)] for x in self.outputs])
 
     object.__setattr__(model, "_run_through_graph", types.MethodType(run_through_graph, model))
+
+
+# 12. Keras's SGD updates each variable with eleven Keras operations with Nesterov momentum, eight without
+# (keras/src/optimizers/sgd.py, Keras 3.15.1), whose Python dtype logic made the optimizer 30 % of the time
+# TensorFlow takes to trace ResNet-32's training step (py-spy, docs/performance.md). On TensorFlow without a
+# distribution strategy each update is instead TensorFlow's one kernel for exactly that arithmetic
+# (ResourceApplyKerasMomentum: accum = accum * momentum - grad * lr; var += accum, or with Nesterov var += accum *
+# momentum - grad * lr): the same weights bit for bit (tests/test_fast_path.py), one op per variable in the graph.
+# An attribute of this optimizer instance only (nothing saved changes). Remove when Keras's TensorFlow SGD calls the
+# kernel itself.
+def fused_momentum_update(optimizer):
+    """On TensorFlow (no distribution strategy), `optimizer` (Keras SGD with momentum) updates each variable
+    with TensorFlow's fused momentum kernel."""
+    import keras
+    if keras.backend.backend() != "tensorflow" or not optimizer.momentum:
+        return
+    import tensorflow as tf
+    if tf.distribute.has_strategy():  # Keras's own update handles mirrored variables
+        return
+
+    def update_step(gradient, variable, learning_rate):
+        dtype = variable.dtype
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=variable.handle, accum=optimizer.momentums[optimizer._get_variable_index(variable)].handle,
+            lr=tf.cast(learning_rate, dtype), grad=tf.cast(gradient, dtype),
+            momentum=tf.cast(optimizer.momentum, dtype), use_nesterov=optimizer.nesterov)
+
+    optimizer.update_step = update_step
+
+
+# 13. Importing Keras imports every optional package it finds installed, whatever the backend: matplotlib.pyplot
+# (keras.src.visualization), IPython (keras.src.saving.file_editor) and, through TensorFlow's tf.lite, JAX: 1.2-1.7 s
+# of the framework's start on a 2-core AMD EPYC (docs/performance.md), for modules a training run never
+# uses. Each is imported there under `try: ... except ImportError`, so devices.configure_backend imports Keras
+# with them refused (JAX only when it is not the backend); afterwards they import normally. Keras's image
+# gallery plot and TensorFlow Lite's JAX conversion stay off in this process. Remove when Keras and TensorFlow
+# import them lazily (`python -X importtime -c "import keras"` then lists none of them).
+UNUSED_AT_IMPORT = ("matplotlib", "IPython", "jax")
+
+
+@contextlib.contextmanager
+def without_unused_imports(backend):
+    """Within: importing UNUSED_AT_IMPORT (less the backend itself) raises ImportError, unless already imported."""
+    refused = [name for name in UNUSED_AT_IMPORT if name != backend and name not in sys.modules]
+    for name in refused:
+        sys.modules[name] = None
+    try:
+        yield
+    finally:
+        for name in refused:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]

@@ -125,7 +125,8 @@ def test_fused_momentum_update_trains_to_the_same_weights(nesterov):
         results.append([w.numpy() for w in model.weights + optimizer.momentums])
         ones = [tf.ones_like(v) for v in model.trainable_variables]
         graph = tf.function(lambda: optimizer.apply(ones, model.trainable_variables)).get_concrete_function().graph
-        update_ops.append(sorted(op.type for op in graph.get_operations() if "Variable" in op.type or "Apply" in op.type))
+        update_ops.append(sorted(op.type for op in graph.get_operations()
+                                 if "Variable" in op.type or "Apply" in op.type))
     assert update_ops[1].count("ResourceApplyKerasMomentum") == 4 and "ResourceApplyKerasMomentum" not in update_ops[0]
     assert len(update_ops[1]) < len(update_ops[0]) - 4, update_ops
     assert len(results[0]) == 8 and not np.array_equal(results[0][0], results[0][0] * 0)
