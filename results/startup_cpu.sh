@@ -4,6 +4,9 @@
 # this checkout's profile_epoch.py (`--fixed-only`: process start to the first step done), ROUNDS rounds
 # alternated. One PROFILE line per run; run on an idle machine.
 #   bash results/startup_cpu.sh DATA_DIR [ROUNDS]     # DATA_DIR holds cifar-10-batches-py/
+# OLD_PYTHONPATH (optional): a folder put first on the two older commits' PYTHONPATH, holding what their
+# requirements install and this checkout's do not: ml_dtypes 0.7.0 (requirements.txt excludes it), e.g.
+#   pip download --no-deps ml_dtypes==0.7.0 -d W && python -m zipfile -e W/ml_dtypes-0.7.0-*.whl OLD
 set -euo pipefail
 DATA=$(realpath "${1:?usage: bash results/startup_cpu.sh DATA_DIR [ROUNDS]}")
 ROUNDS=${2:-3}
@@ -19,7 +22,9 @@ echo "host CPU: $(python -c 'import devices; print(devices.cpu_model())')"
 for round in $(seq "$ROUNDS"); do
   for where in "$WORK/10cb1ff" "$WORK/d92a805" "$HERE"; do
     label=$([ "$where" = "$HERE" ] && echo "this checkout ($(git rev-parse --short HEAD))" || basename "$where")
-    (cd "$where" && python -c "import sys, profile_epoch; profile_epoch.profile(sys.argv[1:])" "$DATA" --fixed-only \
-      2>/dev/null | grep '^PROFILE' | sed "s|^|round=$round code=${label// /_} |")
+    old=$([ "$where" = "$HERE" ] && echo "" || echo "${OLD_PYTHONPATH:-}")
+    version=$(cd "$where" && PYTHONPATH="$old" python -c 'import ml_dtypes; print(ml_dtypes.__version__)')
+    (cd "$where" && PYTHONPATH="$old" python -c "import sys, profile_epoch; profile_epoch.profile(sys.argv[1:])" \
+      "$DATA" --fixed-only 2>/dev/null | grep '^PROFILE' | sed "s|^|round=$round code=${label// /_} ml_dtypes=$version |")
   done
 done
