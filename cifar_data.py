@@ -88,12 +88,13 @@ def _read_batch(fileobj, where, label_key, classes):
 def _as_nhwc(parts):
     """The batches' CHW rows as one uint8 NHWC array, filled one channel plane at a time (3x faster than numpy's
     transposed copy, and no second copy to concatenate)."""
+    height, width, channels = IMAGE_SHAPE
     images = np.empty((sum(len(rows) for rows in parts), *IMAGE_SHAPE), np.uint8)
     start = 0
     for rows in parts:
-        planes = rows.reshape(len(rows), 3, 32 * 32)
-        pixels = images[start:start + len(rows)].reshape(len(rows), 32 * 32, 3)
-        for channel in range(3):
+        planes = rows.reshape(len(rows), channels, height * width)
+        pixels = images[start:start + len(rows)].reshape(len(rows), height * width, channels)
+        for channel in range(channels):
             pixels[:, :, channel] = planes[:, channel]
         start += len(rows)
     return images

@@ -14,7 +14,7 @@ said otherwise) and when to remove it. Import-safe: the frameworks are imported 
 9. without_tensorflow    set_random_seed, the .h5 loader and serialization import TensorFlow on any backend.
 10. build_before_first_step  TensorFlow traces the first training and evaluation step twice.
 11. release_activations  a functional model on PyTorch holds every layer's output until its forward pass ends.
-12. fused_momentum_update  Keras's SGD makes TensorFlow trace six Keras operations per variable.
+12. fused_momentum_update  Keras's SGD makes TensorFlow trace up to eleven Keras operations per variable.
 13. without_unused_imports  importing Keras imports matplotlib, IPython and (through TensorFlow) JAX if installed.
 """
 import contextlib
@@ -303,8 +303,8 @@ def live_bytes_per_image(model):
     the model (inputs and outputs included)."""
     import numpy as np
     order, dead = _schedule(model)
-    size = {id(t): 4 * int(np.prod(t.shape[1:])) for t in model.inputs}
-    size.update({id(t): 4 * int(np.prod(t.shape[1:])) for node in order for t in node.outputs})
+    tensors = [*model.inputs, *(t for node in order for t in node.outputs)]
+    size = {id(t): 4 * int(np.prod(t.shape[1:])) for t in tensors}
     live = sum(size[id(t)] for t in model.inputs)
     peak = live
     for node, gone in zip(order, dead):
