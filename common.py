@@ -34,7 +34,7 @@ from checkpoints import as_trained, check_model_file, check_resume, load_model_s
 from cifar_data import DATASETS, find_local_data, load_data
 from devices import configure_backend, where_it_trains
 from distributed import Watchdog, distribution, synchronize_batch_norm
-from errors import Preempted, TrainingError, UsageError
+from errors import STOP_SIGNALS, Preempted, TrainingError, UsageError
 from outputs import (CHECKPOINT_FILES, check_free_space, check_writable_dir, final_line, no_space_message,
                      private_run_paths, remove_stale_temporaries, run_paths, write_text)
 from recipe import MOMENTUM, NESTEROV, compile_model
@@ -69,13 +69,9 @@ def main(description, add_arguments, run_name, build_model, resolve=None, argv=N
         sys.exit(128 + stop.signum)
 
 
-# What a scheduler sends before it stops a job: SIGTERM (SLURM, Kubernetes), SIGUSR1 (SLURM's --signal warning).
-# The run stops where it is, keeps its last completed epoch (saved atomically after each epoch) and exits with
-# 128 + the signal's number (143, 138); the same command with --resume continues exactly as after kill -9.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
 def _preempt(signum, frame):
+    for other in STOP_SIGNALS:  # one stop: a second notice (SLURM signals every process) is ignored
+        signal.signal(other, signal.SIG_IGN)
     raise Preempted(signum)
 
 

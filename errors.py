@@ -1,4 +1,12 @@
 """The ways a run ends early, shared by every module: how `common.main` reports each is fixed there."""
+import signal
+
+# What a scheduler sends before it stops a job: SIGTERM (SLURM's pre-emption, requeue and time limit;
+# Kubernetes), SIGUSR1 and SIGUSR2 (SLURM's --signal warnings; submitit asks for USR2, and SLURM delivers it to
+# every process of the job step, the training script included). The run stops where it is, keeps its last
+# completed epoch (saved atomically after each epoch) and exits with 128 + the signal's number (143, 138, 140);
+# the same command with --resume continues exactly as after kill -9.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class UsageError(Exception):
@@ -10,7 +18,7 @@ class TrainingError(Exception):
 
 
 class Preempted(BaseException):
-    """SIGTERM or SIGUSR1 (a scheduler's pre-emption notice) arrived: raised in the main thread, between two
+    """One of STOP_SIGNALS (a scheduler's pre-emption notice) arrived: raised in the main thread, between two
     Python steps of training, like KeyboardInterrupt; one line, exit code 128 + the signal's number."""
 
     def __init__(self, signum):

@@ -27,22 +27,23 @@ import argparse
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import tomllib
 
 import cli
+import slurm_cluster
+import sweep_jobs
 import sweeps
 from cifar_data import find_local_data
 from errors import UsageError
 from outputs import atomic_write, write_text
+from runs import RunLock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ("train_resnet32.py", "train_resnet_variants.py", "train_resnet_bottleneck.py", "train_resnet_v2.py",
            "train_resnext.py")
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # submitit's local executor ends a job after its timeout: never, in practice
-SLURM_SIGNAL_DELAY_S = 300  # submitit warns a SLURM job this long before its time limit: time to stop and requeue
+MAX_TIMEOUTS = 3  # submitit's max_num_timeout: how often a job may reach its time limit and be requeued
 
 
 def parse_seeds(text):
@@ -103,108 +104,60 @@ class Run:
             find_local_data(config.data_dir, config.dataset)
         self.name, self.epochs = config.run_name, config.epochs
         checkpoints = os.path.join(out, "checkpoints", self.name)
-        self.model, self.state, self.saved = checkpoints + ".h5", checkpoints + ".state.weights.h5", checkpoints + ".json"
-        self.history = os.path.join(out, "logs", self.name, "history.csv")
+        self.files = {"model": checkpoints + ".h5", "state": checkpoints + ".state.weights.h5",
+                      "saved": checkpoints + ".json", "history": os.path.join(out, "logs", self.name, "history.csv")}
+        self.history = self.files["history"]
 
     def status(self):
-        """finished (the model saved after every epoch), interrupted (something saved), or new."""
-        if os.path.isfile(self.model) and os.path.isfile(self.history):
-            if len(sweeps.read_history(self.history)) >= self.epochs:
-                return "finished"
-        if os.path.exists(self.state) or os.path.exists(self.saved):
-            return "interrupted"
-        return "new"
+        """finished (the model saved, every epoch in the history), interrupted (something saved), or new."""
+        return sweep_jobs.run_status(self.files, self.epochs)
+
+    def final_accuracy(self):
+        return sweeps.final_accuracy(sweeps.read_history(self.history))
 
     def command(self):
         resume = ["--resume"] if self.status() == "interrupted" else []
-        return [sys.executable, os.path.join(HERE, self.script), *self.flags, "--run-name", self.name, *resume]
+        return [*self.job().command, *resume]
 
-
-class TrainingJob:
-    """What submitit runs: the training script as a child process. On pre-emption or near the time limit
-    submitit calls checkpoint(): the child gets SIGTERM (it keeps its last complete epoch and exits 143) and the
-    job is requeued as the same command with --resume."""
-
-    def __init__(self, command, env=None):
-        self.command, self.env = list(command), dict(env or {})
-        self.process = None
-
-    def __call__(self):
-        self.process = subprocess.Popen(self.command, env={**os.environ, **self.env})
-        returncode = self.process.wait()
-        if returncode != 0:
-            raise RuntimeError(f"{shlex.join(self.command[1:])} exited with {returncode}")
-        return returncode
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=SLURM_SIGNAL_DELAY_S // 2)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        command = self.command if "--resume" in self.command else [*self.command, "--resume"]
-        return submitit.helpers.DelayedSubmission(TrainingJob(command, self.env))
-
-
-def gpu_env(slot, gpus, runs_per_gpu):
-    """The environment of the run in `slot` on a machine with `gpus` GPUs: its GPU, and with several runs per GPU
-    each backend's memory settings made to share it."""
-    if not gpus:
-        return {}
-    env = {"CUDA_VISIBLE_DEVICES": str(slot % gpus)}
-    if runs_per_gpu > 1:
-        env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / runs_per_gpu:.2f}",
-                   TF_FORCE_GPU_ALLOW_GROWTH="true", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
-    return env
+    def job(self, env=None):
+        """The job that runs it: the same command each time, --resume decided when the job starts."""
+        command = [sys.executable, os.path.join(HERE, self.script), *self.flags, "--run-name", self.name]
+        return sweep_jobs.TrainingJob(command, self.files, self.epochs, env)
 
 
 def slurm_parameters(args):
     """submitit.SlurmExecutor's parameters for one run per job: what becomes the #SBATCH lines."""
     parameters = {"partition": args.partition, "time": args.time, "gpus_per_node": args.gpus_per_run,
-                  "ntasks_per_node": 1, "cpus_per_task": args.cpus_per_run, "signal_delay_s": SLURM_SIGNAL_DELAY_S}
+                  "ntasks_per_node": 1, "cpus_per_task": args.cpus_per_run,
+                  "signal_delay_s": slurm_cluster.warning_seconds(args.time)}
     if args.account:
         parameters["account"] = args.account
     return parameters
 
 
 def make_executor(args, folder):
+    import cloudpickle
     import submitit
+    cloudpickle.register_pickle_by_value(sweep_jobs)  # the job unpickles wherever the node's Python starts
     if args.executor == "slurm":
-        executor = submitit.SlurmExecutor(folder=folder)
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_timeouts)
         executor.update_parameters(**slurm_parameters(args))
-        return executor
+        return sweep_jobs.SlurmJobs(executor, folder, os.path.dirname(folder))
     executor = submitit.AutoExecutor(folder=folder, cluster="local")
     executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
-    return executor
+    return sweep_jobs.LocalJobs(executor, args.gpus, args.runs_per_gpu)
 
 
 def run_sweep(runs, args, out):
-    """Submits every run that is not finished, `args.parallel` at a time, and reports each as it ends."""
+    """Runs every run that is not finished and follows each to its end; returns how many failed."""
     pending = [run for run in runs if run.status() != "finished"]
     done = len(runs) - len(pending)
     print(f"{args.experiment}: {len(runs)} runs, {done} finished, {len(pending)} to run ({args.executor})", flush=True)
     if not pending:
         return 0
-    executor = make_executor(args, os.path.join(out, "submitit"))
-    failed = 0
+    jobs = make_executor(args, os.path.join(out, "submitit"))
     slots = max(1, args.gpus * args.runs_per_gpu) if args.executor == "local" else len(pending)
-    queue = list(pending)
-    while queue:
-        batch, queue = queue[:slots], queue[slots:]
-        jobs = [(run, executor.submit(TrainingJob(run.command(), gpu_env(slot, args.gpus, args.runs_per_gpu))))
-                for slot, run in enumerate(batch)]
-        for run, job in jobs:
-            try:
-                job.result()
-                done += 1
-                outcome = f"final test acc {sweeps.final_accuracy(sweeps.read_history(run.history)):.4f}"
-            except Exception as error:  # the run's own message is in its log; the sweep goes on
-                failed += 1
-                outcome = f"FAILED ({str(error).splitlines()[-1][:200]}); log: {job.paths.stderr}"
-            print(f"[{done}/{len(runs)} done] {run.label}, seed {run.seed}: {outcome}", flush=True)
-    return failed
+    return sweep_jobs.follow(jobs, pending, len(runs), done, slots)
 
 
 def table(experiment, runs):
@@ -232,8 +185,12 @@ def main(argv=None):
                         help="local: GPUs on this machine, one run each at a time (0: one run at a time)")
     parser.add_argument("--runs-per-gpu", type=cli.positive_int, default=1, metavar="K")
     slurm = parser.add_argument_group("slurm")
-    slurm.add_argument("--partition")
-    slurm.add_argument("--time", type=cli.positive_int, default=24 * 60, metavar="MINUTES", help="per job")
+    slurm.add_argument("--partition", help="checked before anything is submitted, with the sizes below")
+    slurm.add_argument("--time", type=cli.positive_int, default=24 * 60, metavar="MINUTES",
+                       help="per job, at most the partition's MaxTime; the time-limit warning comes "
+                            "min(300 s, time / 4) before it, and the job is requeued with its run resumed")
+    slurm.add_argument("--max-timeouts", type=cli._int_at_least(0), default=MAX_TIMEOUTS, metavar="N",
+                       help="how many times one job may reach its time limit and be requeued (default %(default)s)")
     slurm.add_argument("--gpus-per-run", type=cli._int_at_least(0), default=1, metavar="N")
     slurm.add_argument("--cpus-per-run", type=cli.positive_int, default=8, metavar="N")
     slurm.add_argument("--account")
@@ -251,13 +208,21 @@ def main(argv=None):
                 if run.status() != "finished":
                     print(shlex.join(run.command()))
             return
-        if args.executor == "slurm" and not args.partition:
-            raise UsageError("--executor slurm needs --partition (and --time, --gpus-per-run, maybe --account)")
+        if args.executor == "slurm":
+            if not args.partition:
+                raise UsageError("--executor slurm needs --partition (and --time, --gpus-per-run, maybe --account)")
+            slurm_cluster.check_request(args.partition, args.cpus_per_run, args.gpus_per_run, args.time)
         os.makedirs(out, exist_ok=True)
-        failed = run_sweep(runs, args, out)
+        with RunLock(out, "sweep", f"a sweep into {out} is following its runs in another process"):
+            failed = run_sweep(runs, args, out)
     except UsageError as error:
         print(f"reproduce.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        jobs = (f"; its SLURM jobs go on (ids in {os.path.join(out, 'jobs.json')}), scancel them to stop them"
+                if args.executor == "slurm" else "")
+        print(f"reproduce.py: interrupted{jobs}; rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
     rows = table(experiment, runs)
     text = (f"{experiment['title']} ({experiment.get('paper', '')}, {experiment.get('table', '')})\n\n"
             + sweeps.markdown_table(rows) + "\n\n" + f"Final (last-epoch) test accuracy over seeds; published: "

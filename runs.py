@@ -57,11 +57,13 @@ def default_run_name(model, dataset, settings, defaults):
 
 class RunLock:
     """An exclusive fcntl lock on <checkpoint_dir>/<run>.lock for this process's lifetime: a second process on
-    the same run stops at once. The kernel releases it on any exit (a crash or kill -9 included), so a lock
+    the same run (or on the same sweep, with `busy` saying so) stops at once. The kernel releases it on any exit (a crash or kill -9 included), so a lock
     file left behind is never stale."""
 
-    def __init__(self, checkpoint_dir, name):
+    def __init__(self, checkpoint_dir, name, busy=None):
         self.path = os.path.join(checkpoint_dir, f"{name}.lock")
+        self.busy = busy or f"run {name!r} is in progress in another process"
+        self.or_else = "" if busy else ", or choose another --run-name"
         self.fd = None
 
     def __enter__(self):
@@ -73,8 +75,7 @@ class RunLock:
                 os.close(self.fd)
                 self.fd = None
             if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise UsageError(f"run {os.path.basename(self.path)[:-5]!r} is in progress in another process "
-                                 f"(lock {self.path}); wait for it to end, or choose another --run-name") from None
+                raise UsageError(f"{self.busy} (lock {self.path}); wait for it to end{self.or_else}") from None
             raise UsageError(f"cannot lock {self.path} ({error.strerror}); choose another --checkpoint-dir") from None
         return self
 

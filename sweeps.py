@@ -87,7 +87,8 @@ def mean_curves_figure(rows, out, title):
                         [max(c[e] for c in curves) for e in range(epochs)], color=line.get_color(), alpha=0.2)
     ax.set(title=title, xlabel="epoch", ylabel="test (or validation) accuracy: mean, min-max band")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.lines:  # no run finished: an empty figure, and no legend warning
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

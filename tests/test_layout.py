@@ -1,13 +1,13 @@
 """The modules stay import-safe: importing any of them starts no framework, so bad input is reported before
 TensorFlow prints its start-up lines (README "Bad input")."""
+import glob
+import os
 import subprocess
 import sys
 
 from conftest import ROOT
 
-MODULES = ["common", "cli", "run_config", "recipe", "workarounds", "cifar_data", "units", "training", "checkpoints",
-           "outputs", "devices", "distributed", "errors", "bench", "compare", "train_resnet32", "train_resnet_variants",
-           "train_resnet_bottleneck", "train_resnet_v2", "train_resnext"]
+MODULES = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(ROOT, "*.py")))
 FRAMEWORKS = ["keras", "tensorflow", "jax", "torch"]
 
 BLOCKED_IMPORT = f"""

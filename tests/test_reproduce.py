@@ -1,6 +1,6 @@
 """reproduce.py on a tiny two-row, two-seed sweep through submitit's local executor: every run once, the table's
 figures computed independently from the runs' histories, idempotent reruns, kill -9 mid-sweep, the SLURM
-submission and its requeue-with-resume logic, and bad input."""
+submission and a job's requeue-with-resume, and bad input. tests/test_slurm.py runs sweeps on a real cluster."""
 import csv
 import os
 import signal
@@ -125,31 +125,55 @@ def test_kill_9_mid_sweep_then_rerun_runs_each_once(cifar_dir, tmp_path):
         assert [int(r["epoch"]) for r in rows] == [0, 1, 2], name  # each epoch exactly once
 
 
-def test_requeue_resumes_the_run(cifar_dir, tmp_path):
-    """What submitit does on SLURM pre-emption, done by hand: checkpoint() stops the running script with SIGTERM
-    and returns the same command with --resume, which finishes the run with each epoch once."""
-    import threading
+DRIVER = """
+import json, os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import sweep_jobs
+command, files = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+job = sweep_jobs.TrainingJob(command, files, 3)
 
-    import reproduce
+def checkpoint_and_requeue(signum, frame):  # what submitit's handler does, in the same thread as job()
+    start = time.monotonic()
+    requeued = job.checkpoint()
+    print(json.dumps({"seconds": time.monotonic() - start, "code": job.process.returncode}), flush=True)
+    os._exit(0)
+
+signal.signal(signal.SIGUSR2, checkpoint_and_requeue)
+job()
+"""
+
+
+def test_the_time_limit_warning_requeues_within_seconds_and_the_requeued_job_resumes(cifar_dir, tmp_path):
+    """SLURM's USR2 reaches the job's wrapper and its script at once; the wrapper's handler (submitit's, calling
+    checkpoint() in the thread that waits for the script) returns as soon as the script has stopped, not after a
+    stalled wait; the requeued job, the same command, continues the run with --resume, each epoch once."""
+    import json
+
+    import sweep_jobs
     out = tmp_path / "out"
     command = [sys.executable, os.path.join(ROOT, "train_resnet32.py"), "--data-dir", str(cifar_dir), "--stack-n", "1",
                "--batch-size", "8", "--steps-per-execution", "1", "--epochs", "3", "--run-name", "r",
                "--log-dir", str(out / "logs"), "--checkpoint-dir", str(out / "checkpoints")]
-    job = reproduce.TrainingJob(command)
-    errors = []
-    thread = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, job)))
-    thread.start()
+    files = {"model": str(out / "checkpoints" / "r.h5"), "state": str(out / "checkpoints" / "r.state.weights.h5"),
+             "saved": str(out / "checkpoints" / "r.json"), "history": str(out / "logs" / "r" / "history.csv")}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, ROOT, json.dumps(command), json.dumps(files)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     history = out / "checkpoints" / "r.csv"
     deadline = time.time() + 300
-    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= 2):
+    while time.time() < deadline and driver.poll() is None and not (
+            history.exists() and len(history.read_text().splitlines()) >= 2):
         time.sleep(0.05)
-    requeued = job.checkpoint()
-    thread.join(timeout=120)
-    assert "exited with 143" in str(errors[0].value)  # stopped by SIGTERM, its last complete epoch kept
-    assert requeued.function.command[-1] == "--resume"
-    assert requeued.function() == 0
+    assert driver.poll() is None, driver.communicate()[1][-3000:]
+    os.killpg(driver.pid, signal.SIGUSR2)  # as SLURM signals every process of the job step
+    stdout, stderr = driver.communicate(timeout=300)
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["code"] == 128 + signal.SIGUSR2 and "stopped by SIGUSR2" in stderr, stderr[-3000:]
+    assert report["seconds"] < 30, report  # a wait on Popen's lock would last CHILD_STOP_S (120 s)
+    assert sweep_jobs.run_status(files, 3) == "interrupted"
+    assert sweep_jobs.TrainingJob(command, files, 3)() == 0  # decides --resume by itself
     with open(history) as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
+    assert sweep_jobs.run_status(files, 3) == "finished"
 
 
 def test_the_slurm_submission(tmp_path):
@@ -166,6 +190,10 @@ def test_the_slurm_submission(tmp_path):
     for line in ("#SBATCH --partition=gpu", "#SBATCH --time=240", "#SBATCH --gpus-per-node=1",
                  "#SBATCH --account=lab", "#SBATCH --signal=USR2@300", "#SBATCH --cpus-per-task=8"):
         assert line in text, text
+    short = argparse.Namespace(**{**vars(args), "time": 2, "account": None})  # the warning scaled to the job
+    text = _make_sbatch_string(command="python -m submitit.core._submit", folder=str(tmp_path),
+                               **reproduce.slurm_parameters(short))
+    assert "#SBATCH --signal=USR2@30\n" in text and "--account" not in text, text
 
 
 EXPERIMENT_ERRORS = [

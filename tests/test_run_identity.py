@@ -269,10 +269,11 @@ def test_overwrite_starts_over(cifar_dir, run_copy):
     assert len(history(run_copy)) == 1
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
 def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(cifar_dir, tmp_path, signum):
-    """SIGTERM (or SLURM's SIGUSR1) in the middle of epoch 2 of 3: one line naming the --resume command, exit
-    128 + the signal; the same command with --resume ends with 3 history rows equal to an uninterrupted run's."""
+    """SIGTERM (or SLURM's warnings SIGUSR1, SIGUSR2) in the middle of epoch 2 of 3: one line naming the --resume
+    command, exit 128 + the signal; the same command with --resume ends with 3 history rows equal to an
+    uninterrupted run's."""
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
     # batches of 8, one step per execution: 40 steps an epoch, each a moment where the signal is taken
     flags = ["--lr-schedule", "0:0.05,2:0.02", "--batch-size", "8", "--steps-per-execution", "1"]
@@ -289,7 +290,7 @@ def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(cifar_dir, tmp_pa
     assert signal.Signals(signum).name in line and "--resume" in line
     assert [int(r["epoch"]) for r in history(stopped)] == [0]  # epoch 2 was under way: not saved
 
-    if signum != signal.SIGTERM:  # SIGUSR1 takes the same path from here on: resumed and compared once, below
+    if signum == signal.SIGUSR1:  # the same path from here on as the others: resumed and compared with them
         return
     resumed = run_script("train_resnet32.py", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
