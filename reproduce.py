@@ -4,7 +4,7 @@ with its statistics beside the published figures, and a figure of the mean curve
     python reproduce.py experiments/he2016_table2_units.toml                  # the paper's scale, the file's seeds
     python reproduce.py experiments/he2016_table2_units.toml --seeds 0-2 -- --stack-n 3 --epochs 15 \\
         --train-limit 10000 --lr-schedule 0:0.1,8:0.01,12:0.001 --data-dir data   # a reduced scale
-    python reproduce.py EXPERIMENT --executor slurm --partition gpu --time 600 --gpus-per-run 1 [--account A]
+    python reproduce.py EXPERIMENT --executor slurm --partition gpu --time 600 --gpus-per-run 1 --cpus-per-run 8
     python reproduce.py EXPERIMENT --print | parallel -j 4     # one command per line, for any scheduler
 
 Flags after `--` go to every run (they come after the row's own flags, so they win). Each run is the family
@@ -17,8 +17,11 @@ after every epoch), so rerunning the same command after a crash or a pre-emption
 run exactly once; a second process on a run stops at once (the run's lock). Executors (submitit):
 - local: this machine; one run at a time, or with --gpus N one run per GPU (--runs-per-gpu K shares each GPU
   among K runs, with JAX's preallocation and TensorFlow's up-front allocation turned off);
-- slurm: one job per run (--partition, --time minutes, --gpus-per-run, --account); a job pre-empted or near its
-  time limit stops its run cleanly (SIGTERM: the last complete epoch is kept) and is requeued with --resume.
+- slurm: one job per run (--partition, --time minutes, --gpus-per-run, --cpus-per-run, --account), the request
+  checked against the cluster before anything is submitted. A job warned of its time limit, pre-empted or
+  requeued stops its run cleanly (the last complete epoch is kept) and continues it when it starts again; the
+  sweep follows its jobs (state, pending reason) and records their ids in <out>/jobs.json, so a rerun follows
+  the jobs still queued instead of submitting them twice (docs/reproduce.md, "SLURM").
 
 The table: per row n, mean ± sample std, median and min-max of the final (last-epoch) test accuracy, the
 published figure and the difference; printed and written to <out>/table.md, the figure to <out>/curves.png.

@@ -244,3 +244,34 @@ def test_a_job_that_can_never_start_is_cancelled_with_its_reason(slurm, cifar_di
             break
         time.sleep(0.5)
     assert state == "CANCELLED"
+
+
+def test_an_sbatch_refusal_is_one_line(slurm, cifar_dir, tmp_path, capsys):
+    """sbatch's own refusal (here a partition the check before submission would have caught) as one line."""
+    import argparse
+
+    import reproduce
+    from errors import UsageError
+    row = {"label": "unit a", "script": "train_resnet_variants.py", "flags": ["--unit", "a"]}
+    run = reproduce.Run(row, 0, [*TINY, "--data-dir", str(cifar_dir)], str(tmp_path / "out"))
+    args = argparse.Namespace(executor="slurm", partition="nosuch", time=10, gpus_per_run=0, cpus_per_run=1,
+                              account=None, max_timeouts=3)
+    os.makedirs(tmp_path / "out")
+    jobs = reproduce.make_executor(args, str(tmp_path / "out" / "submitit"))
+    with pytest.raises(UsageError) as refused:
+        jobs.submit(run, 0, 0)
+    message = str(refused.value)
+    assert "\n" not in message and "sbatch refused the job of 'unit a', seed 0: invalid partition" in message
+    assert capsys.readouterr().err == ""  # submitit prints sbatch's lines too: kept from the terminal
+    assert not (tmp_path / "out" / "jobs.json").exists()
+
+
+def test_a_job_unknown_to_squeue_and_sacct_is_reported_vanished(slurm, tmp_path, monkeypatch):
+    """A job gone without a trace (no accounting, or forgotten): UNKNOWN at first, VANISHED after VANISHED_S."""
+    import sweep_jobs
+    monkeypatch.setattr(sweep_jobs, "VANISHED_S", 1)
+    os.makedirs(tmp_path / "out")
+    jobs = sweep_jobs.SlurmJobs(None, str(tmp_path / "out" / "submitit"), str(tmp_path / "out"))
+    assert jobs.states(["999999"])["999999"][0] == "UNKNOWN"
+    time.sleep(1.1)
+    assert jobs.states(["999999"])["999999"][0] == "VANISHED"
