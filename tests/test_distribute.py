@@ -15,10 +15,9 @@ def losses(folder):
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
+@pytest.mark.parametrize("trained", ["tensorflow", "jax"], indirect=True)  # PyTorch refuses --distribute (below)
 def test_two_devices_train_like_one(trained, cifar_dir, tmp_path):
     backend, single, _ = trained
-    if backend == "torch":
-        pytest.skip("--distribute is refused on PyTorch (test_torch_backend_refuses_distribute)")
     result = run_script("train_resnet32.py", "--data-dir", cifar_dir, *TINY_RUN, "--distribute", "--cpu-devices", 2,
                         "--log-dir", tmp_path / "logs", "--checkpoint-dir", tmp_path / "checkpoints",
                         backend=backend, block_tensorflow=backend != "tensorflow")

@@ -1,6 +1,7 @@
 """Bad input: one line on stderr naming the problem, exit code 2, no traceback, nothing written."""
 import os
 import pickle
+import subprocess
 
 import pytest
 
@@ -47,17 +48,24 @@ def test_bad_flag_values(script, argv, words):
     assert_refused(run_script(script, *argv), *words)
 
 
+def refused_run(tmp_path, *args):
+    """The default ResNet-32 run with `args`, its outputs in tmp_path: never in the checkout's checkpoints/ and
+    logs/, which may hold a real run of that name (the README's first command)."""
+    flags = {"--checkpoint-dir": tmp_path / "outputs" / "checkpoints", "--log-dir": tmp_path / "outputs" / "logs"}
+    defaults = [item for flag, folder in flags.items() if flag not in args for item in (flag, folder)]
+    return run_script("train_resnet32.py", *args, *defaults)
+
+
 def test_missing_data_dir(tmp_path):
-    assert_refused(run_script("train_resnet32.py", "--data-dir", tmp_path / "nowhere"), "does not exist", "--data-dir")
+    assert_refused(refused_run(tmp_path, "--data-dir", tmp_path / "nowhere"), "does not exist", "--data-dir")
 
 
 def test_data_dir_without_cifar(tmp_path):
-    assert_refused(run_script("train_resnet32.py", "--data-dir", tmp_path), "cifar-10-batches-py",
-                   "cifar-10-python.tar.gz")
+    assert_refused(refused_run(tmp_path, "--data-dir", tmp_path), "cifar-10-batches-py", "cifar-10-python.tar.gz")
 
 
 def test_evaluate_missing_file(cifar_dir, tmp_path):
-    assert_refused(run_script("train_resnet32.py", "--data-dir", cifar_dir, "--evaluate", tmp_path / "none.h5"),
+    assert_refused(refused_run(tmp_path, "--data-dir", cifar_dir, "--evaluate", tmp_path / "none.h5"),
                    "--evaluate", "no such file")
 
 
@@ -95,46 +103,55 @@ def test_truncated_batch(tmp_path):
         content = f.read()
     with open(path, "wb") as f:
         f.write(content[: len(content) // 2])
-    assert_refused(run_script("train_resnet32.py", "--data-dir", root), path)
+    assert_refused(refused_run(tmp_path, "--data-dir", root), path)
 
 
 def test_images_of_the_wrong_shape(tmp_path):
     import numpy as np
     batch = batch_dict(np.zeros((4, 16, 16, 3), np.uint8), [0, 1, 2, 3], b"labels", "x")
     root, path = broken_copy(tmp_path, "data_batch_1", pickle.dumps(batch, protocol=2))
-    assert_refused(run_script("train_resnet32.py", "--data-dir", root), path, "3072")
+    assert_refused(refused_run(tmp_path, "--data-dir", root), path, "3072")
 
 
 def test_labels_out_of_range(tmp_path):
     import numpy as np
     batch = batch_dict(np.zeros((4, 32, 32, 3), np.uint8), [0, 1, 2, 10], b"labels", "x")
     root, path = broken_copy(tmp_path, "test_batch", pickle.dumps(batch, protocol=2))
-    assert_refused(run_script("train_resnet32.py", "--data-dir", root), path, "labels must be 0..9")
+    assert_refused(refused_run(tmp_path, "--data-dir", root), path, "labels must be 0..9")
 
 
 def test_cifar100_labels_read_as_cifar10_are_refused(cifar100_dir, tmp_path):
     # a CIFAR-100 folder is not a CIFAR-10 one: the message says which files are expected
-    assert_refused(run_script("train_resnet32.py", "--data-dir", cifar100_dir), "cifar-10-batches-py")
+    assert_refused(refused_run(tmp_path, "--data-dir", cifar100_dir), "cifar-10-batches-py")
 
 
 def test_unwritable_checkpoint_dir_under_a_regular_file(cifar_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
-    assert_refused(run_script("train_resnet32.py", "--data-dir", cifar_dir, "--checkpoint-dir", blocker / "ck"),
+    assert_refused(refused_run(tmp_path, "--data-dir", cifar_dir, "--checkpoint-dir", blocker / "ck"),
                    "--checkpoint-dir")
     assert blocker.read_text() == "keep me"
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
 def test_read_only_log_dir(cifar_dir, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
-    logs.chmod(0o500)
-    assert_refused(run_script("train_resnet32.py", "--data-dir", cifar_dir, "--log-dir", logs), "--log-dir")
+    if os.geteuid() == 0:  # root writes through permissions, not into a read-only file system
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(logs)], capture_output=True,
+                                 text=True)
+        if mounted.returncode:
+            pytest.skip(f"root, and no read-only mount here ({mounted.stderr.strip()})")
+    else:
+        logs.chmod(0o500)
+    try:
+        assert_refused(refused_run(tmp_path, "--data-dir", cifar_dir, "--log-dir", logs), "--log-dir")
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", "-l", str(logs)], capture_output=True)
 
 
 def test_log_dir_that_is_a_file(cifar_dir, tmp_path):
     blocker = tmp_path / "logs"
     blocker.write_text("keep me")
-    assert_refused(run_script("train_resnet32.py", "--data-dir", cifar_dir, "--log-dir", blocker), "--log-dir")
+    assert_refused(refused_run(tmp_path, "--data-dir", cifar_dir, "--log-dir", blocker), "--log-dir")
     assert blocker.read_text() == "keep me"

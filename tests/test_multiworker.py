@@ -59,11 +59,10 @@ def two_workers(backend, cifar_dir, tmp_path, extra=(), checkpoint_dirs=None):
     return outs, finish(processes)
 
 
+@pytest.mark.parametrize("trained", ["tensorflow", "jax"], indirect=True)  # PyTorch refuses --distribute
 def test_two_workers_train_like_one_process(cifar_dir, tmp_path, trained):
-    """Once per backend (the `trained` fixture's): TensorFlow through TF_CONFIG, JAX through --coordinator."""
+    """Once per backend with processes: TensorFlow through TF_CONFIG, JAX through --coordinator."""
     backend, one_process_run, _ = trained
-    if backend == "torch":
-        pytest.skip("--distribute is refused on PyTorch (test_distribute.py)")
     outs, results = two_workers(backend, cifar_dir, tmp_path)
     for rc, stdout, stderr in results:
         assert rc == 0, stderr[-3000:]

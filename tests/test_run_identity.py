@@ -387,7 +387,11 @@ def test_a_lost_jax_worker_ends_the_other_in_one_line(cifar_dir, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and processes[0].poll() is None and not csv_path.exists():
         time.sleep(0.1)
+    # the scenario itself: both processes up and an epoch trained together, the run still going
+    assert processes[0].poll() is None and processes[1].poll() is None, processes[0].communicate()[1][-3000:]
+    assert history_rows(csv_path) >= 1
     processes[1].kill()
     processes[1].communicate()
     _, stderr = processes[0].communicate(timeout=300)
     refused(types.SimpleNamespace(returncode=processes[0].returncode, stderr=stderr), 1, "training failed")
+    assert history_rows(csv_path) < 50  # it ended early, on the loss of its peer
