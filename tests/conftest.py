@@ -115,13 +115,26 @@ TINY_RUN = ["--stack-n", "1", "--batch-size", "32", "--epochs", EPOCHS, "--lr-sc
 
 @pytest.fixture(scope="session", params=["tensorflow", "jax", "torch"])
 def trained(request, cifar_dir, tmp_path_factory):
-    """One real run per backend; the JAX and PyTorch runs have TensorFlow blocked, so they prove they need none."""
+    """One real run per backend; the JAX and PyTorch runs have TensorFlow blocked, so they prove they need none.
+    Once per test session, whatever the number of pytest-xdist workers: the first worker to need a backend's run
+    makes it in the folder the workers share, under a file lock; the others read it (tests only read it)."""
+    import json
+
+    from filelock import FileLock
     backend = request.param
-    out = tmp_path_factory.mktemp(f"run_{backend}")
-    result = run_script("train_resnet32.py", "--data-dir", cifar_dir, *TINY_RUN,
-                        "--log-dir", out / "logs", "--checkpoint-dir", out / "checkpoints",
-                        backend=backend, block_tensorflow=backend != "tensorflow")
-    assert result.returncode == 0, result.stderr[-3000:]
+    shared = tmp_path_factory.getbasetemp()  # this session's; under xdist, each worker's folder is in one per session
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    out = shared / f"run_{backend}"
+    with FileLock(str(shared / f"run_{backend}.lock")):
+        record = out / "result.json"
+        if not record.exists():
+            result = run_script("train_resnet32.py", "--data-dir", cifar_dir, *TINY_RUN,
+                                "--log-dir", out / "logs", "--checkpoint-dir", out / "checkpoints",
+                                backend=backend, block_tensorflow=backend != "tensorflow")
+            assert result.returncode == 0, result.stderr[-3000:]
+            record.write_text(json.dumps({"args": [], "returncode": result.returncode, "stdout": result.stdout,
+                                          "stderr": result.stderr}))
+        result = subprocess.CompletedProcess(**json.loads(record.read_text()))
     return backend, out, result
 
 

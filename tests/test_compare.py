@@ -7,6 +7,8 @@ import pytest
 import train_resnet_variants
 from conftest import build, run_script
 
+pytestmark = pytest.mark.xdist_group("compare")  # one worker: the two runs are made once
+
 RUNS = {"resnet8_e_cifar10_e2_b32": ["--unit", "e"], "plain8_e_cifar10_e2_b32": ["--unit", "e", "--plain"]}
 
 

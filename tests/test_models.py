@@ -63,20 +63,11 @@ def test_resnext_within_one_percent_of_the_paper():
         assert abs(count - paper) / paper < 0.01
 
 
-@pytest.mark.parametrize("argv, total", [([], "470,218"), (["--model", "resnet34"], "416,458"),
-                                         (["--stack-n", "3"], "274,442"), (["--dataset", "cifar100"], "476,068")])
-def test_summary_flag_prints_keras_table(argv, total):
-    result = run_script("train_resnet32.py", "--summary", *argv)
+def test_summary_flag_prints_keras_table():
+    """--summary through the command line, once (every family's count is checked in-process above)."""
+    result = run_script("train_resnet32.py", "--summary")
     assert result.returncode == 0, result.stderr
-    assert f"Total params: {total}" in result.stdout
-
-
-def test_summary_of_every_family_script():
-    for script, total in (("train_resnet_variants.py", "470,218"), ("train_resnet_bottleneck.py", "23,593,098"),
-                          ("train_resnet_v2.py", "3,323,210"), ("train_resnext.py", "34,484,170")):
-        result = run_script(script, "--summary")
-        assert result.returncode == 0, result.stderr
-        assert f"Total params: {total}" in result.stdout
+    assert "Total params: 470,218" in result.stdout
 
 
 def random_images(n=4, seed=0):
@@ -165,6 +156,7 @@ def deep_recursion():
     sys.setrecursionlimit(before)
 
 
+@pytest.mark.slow  # minutes: Keras walks 3,000 layers to save and to load
 def test_paper_resnet1001_builds_counts_saves_and_reloads(tmp_path, deep_recursion):
     """Over 3,000 layers: built, counted, saved (.h5 and .keras) and reloaded once each, in one test."""
     import keras
@@ -182,13 +174,6 @@ def test_paper_resnet1001_builds_counts_saves_and_reloads(tmp_path, deep_recursi
         assert [layer.name for layer in reloaded.layers] == [layer.name for layer in model.layers]
         for a, b in zip(reloaded.weights, model.weights):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-@pytest.mark.parametrize("depth, total", [("164", "1,740,042"), ("1001", "10,551,978")])
-def test_paper_layout_summary(depth, total):
-    result = run_script("train_resnet_v2.py", "--layout", "paper", "--depth", depth, "--summary")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"Total params: {total}" in result.stdout
 
 
 def test_run_names_keep_the_layouts_apart():

@@ -79,6 +79,7 @@ def test_two_workers_train_like_one_process(cifar_dir, tmp_path, trained):
     assert abs(first_loss(chief) - one_process) < 0.1 * one_process, (first_loss(chief), one_process)
 
 
+@pytest.mark.slow  # three two-process clusters, one left to its --wait-timeout
 def test_every_process_resumes_from_the_chiefs_state_on_a_shared_folder(cifar_dir, tmp_path):
     """JAX, two processes, one --checkpoint-dir they share: an interrupted run (here: one epoch) continues
     in every process from the chief's state; a process that cannot read that state stops in one line."""

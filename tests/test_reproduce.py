@@ -53,6 +53,10 @@ def table_rows(stdout):
             for line in stdout.splitlines() if line.startswith("| unit")}
 
 
+# the tests of one sweep run on one pytest-xdist worker (--dist loadgroup), so the sweep is made once
+ONE_SWEEP = pytest.mark.xdist_group("swept")
+
+
 @pytest.fixture(scope="module")
 def swept(cifar_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sweep")
@@ -61,6 +65,7 @@ def swept(cifar_dir, tmp_path_factory):
     return tmp_path, result
 
 
+@ONE_SWEEP
 def test_every_run_once_and_the_table_from_the_histories(swept):
     tmp_path, result = swept
     runs = histories(tmp_path / "out")
@@ -82,6 +87,7 @@ def test_every_run_once_and_the_table_from_the_histories(swept):
     assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@ONE_SWEEP
 def test_a_second_invocation_starts_no_run_and_prints_the_same_table(swept, cifar_dir):
     tmp_path, first = swept
     before = {name: rows for name, rows in histories(tmp_path / "out").items()}
@@ -92,6 +98,7 @@ def test_a_second_invocation_starts_no_run_and_prints_the_same_table(swept, cifa
     assert histories(tmp_path / "out") == before
 
 
+@ONE_SWEEP
 def test_print_gives_one_command_per_pending_run(swept, cifar_dir):
     tmp_path, _ = swept
     result = sweep(tmp_path, cifar_dir, "--print", seeds="0-2")  # seeds 0 and 1 are done: only seed 2's two runs
@@ -247,6 +254,7 @@ def session_hparams(run_dir):
     return found
 
 
+@ONE_SWEEP
 def test_tensorboard_hparams_of_the_sweep(swept):
     from tensorboard.plugins.hparams import api_pb2
     tmp_path, _ = swept

@@ -385,7 +385,7 @@ def test_a_lost_jax_worker_ends_the_other_in_one_line(cifar_dir, tmp_path):
                                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     csv_path = tmp_path / "p0" / "checkpoints" / f"{RUN}.csv"
     deadline = time.time() + 300
-    while time.time() < deadline and processes[0].poll() is None and not csv_path.exists():
+    while time.time() < deadline and processes[0].poll() is None and history_rows(csv_path) < 1:  # epoch 1 done
         time.sleep(0.1)
     # the scenario itself: both processes up and an epoch trained together, the run still going
     assert processes[0].poll() is None and processes[1].poll() is None, processes[0].communicate()[1][-3000:]

@@ -19,7 +19,8 @@ import pytest
 from conftest import ROOT, assert_refused, run_script
 
 TEST_CLUSTER = "resnet-cifar-tests"  # ClusterName in tests/slurm/start.sh: never submit to anyone else's cluster
-pytestmark = pytest.mark.xdist_group("slurm")  # one at a time: every job wants the node's 2 CPUs
+# one at a time (every job wants the node's 2 CPUs); minutes in all: outside the fast tier
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.slow]
 
 EXPERIMENT = """
 title = "one row"
