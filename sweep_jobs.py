@@ -273,7 +273,7 @@ def follow(jobs, pending, total, done, slots):
         if active and time.monotonic() - last_status >= STATUS_EVERY_S:
             last_status = time.monotonic()
             print("waiting for " + "; ".join(
-                f"job {job_id} {states.get(job_id, ('?',))[0]}"
-                + (f" ({states[job_id][1]})" if states.get(job_id, ("",))[0] == "PENDING" else "")
-                + f" [{run.label}, seed {run.seed}]" for job_id, (run, _, _) in sorted(active.items())), flush=True)
+                f"job {job_id} {states[job_id][0]}" + (f" ({states[job_id][1]})" if states[job_id][0] == "PENDING"
+                                                       else "") + f" [{run.label}, seed {run.seed}]"
+                for job_id, (run, _, _) in sorted(active.items())), flush=True)
     return failed

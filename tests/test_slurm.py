@@ -220,20 +220,25 @@ def test_an_impossible_request_submits_nothing(slurm, cifar_dir, tmp_path, flags
     assert job_ids() == before and not (tmp_path / "out").exists()
 
 
-def test_a_job_that_can_never_start_is_cancelled_with_its_reason(slurm, cifar_dir, tmp_path):
-    """What the check before submission prevents, submitted anyway: 8 CPUs on a 2-CPU node stay PENDING with
-    reason PartitionConfig forever; the sweep cancels the job and says why in one line."""
+def submitter(cifar_dir, tmp_path, **request):
+    """One run of the experiment and reproduce.py's SLURM submitter for `request`, with no check before submission:
+    what the sweep would submit if its check let the request through."""
     import argparse
 
     import reproduce
-    import sweep_jobs
-    from errors import UsageError
     row = {"label": "unit a", "script": "train_resnet_variants.py", "flags": ["--unit", "a"]}
     run = reproduce.Run(row, 0, [*TINY, "--data-dir", str(cifar_dir)], str(tmp_path / "out"))
-    args = argparse.Namespace(executor="slurm", partition="debug", time=10, gpus_per_run=0, cpus_per_run=8,
-                              account=None, max_timeouts=3)
+    args = argparse.Namespace(executor="slurm", time=10, gpus_per_run=0, account=None, max_timeouts=3, **request)
     os.makedirs(tmp_path / "out")
-    jobs = reproduce.make_executor(args, str(tmp_path / "out" / "submitit"))
+    return run, reproduce.make_executor(args, str(tmp_path / "out" / "submitit"))
+
+
+def test_a_job_that_can_never_start_is_cancelled_with_its_reason(slurm, cifar_dir, tmp_path):
+    """What the check before submission prevents, submitted anyway: 8 CPUs on a 2-CPU node stay PENDING with
+    reason PartitionConfig forever; the sweep cancels the job and says why in one line."""
+    import sweep_jobs
+    from errors import UsageError
+    run, jobs = submitter(cifar_dir, tmp_path, partition="debug", cpus_per_run=8)
     with pytest.raises(UsageError, match="can never start: SLURM's pending reason is PartitionConfig") as refused:
         sweep_jobs.follow(jobs, [run], 1, 0, 1)
     job_id = str(refused.value).split()[1]
@@ -249,16 +254,8 @@ def test_a_job_that_can_never_start_is_cancelled_with_its_reason(slurm, cifar_di
 
 def test_an_sbatch_refusal_is_one_line(slurm, cifar_dir, tmp_path, capsys):
     """sbatch's own refusal (here a partition the check before submission would have caught) as one line."""
-    import argparse
-
-    import reproduce
     from errors import UsageError
-    row = {"label": "unit a", "script": "train_resnet_variants.py", "flags": ["--unit", "a"]}
-    run = reproduce.Run(row, 0, [*TINY, "--data-dir", str(cifar_dir)], str(tmp_path / "out"))
-    args = argparse.Namespace(executor="slurm", partition="nosuch", time=10, gpus_per_run=0, cpus_per_run=1,
-                              account=None, max_timeouts=3)
-    os.makedirs(tmp_path / "out")
-    jobs = reproduce.make_executor(args, str(tmp_path / "out" / "submitit"))
+    run, jobs = submitter(cifar_dir, tmp_path, partition="nosuch", cpus_per_run=1)
     with pytest.raises(UsageError) as refused:
         jobs.submit(run, 0, 0)
     message = str(refused.value)
