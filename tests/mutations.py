@@ -53,6 +53,11 @@ MUTATIONS = [
      "        while self.process.returncode is None:  # the signal handlers run here\n"
      "            time.sleep(POLL_S)\n", "        self.process.wait()\n",
      ["tests/test_reproduce.py::test_the_time_limit_warning_requeues_within_seconds_and_the_requeued_job_resumes"]),
+    ("every multi-process run failing before its first epoch", "common.py",
+     "        distributed.start_processes(config)  # JAX: before anything asks for a device\n",
+     "        distributed.start_processes(config)  # JAX: before anything asks for a device\n"
+     "        if cluster.processes > 1:\n            raise TrainingError(\"lost before the first epoch\")\n",
+     ["tests/test_multiworker.py::test_two_workers_train_like_one_process"]),
 ]
 
 

@@ -107,8 +107,10 @@ def test_weight_decay_is_in_the_loss_and_the_gradients(decay):
     by_name = {v.path: (g0, g1) for v, g0, g1 in zip(models[0].trainable_variables, *gradients)}
     for k in kernels:
         g_decay, g_none = by_name[k.path]
+        # float32 gradients of order 1 differ by their rounding (measured up to 2e-7) besides the decay term
+        # (2e-4 * kernel: about 3e-5 for the classifier's he_normal kernel)
         np.testing.assert_allclose(np.asarray(g_decay) - np.asarray(g_none), 2 * decay * np.asarray(k),
-                                   rtol=1e-3, atol=1e-7)
+                                   rtol=1e-3, atol=1e-6)
 
 
 def test_the_training_order_is_fresh_every_epoch_and_a_function_of_seed_and_epoch():
