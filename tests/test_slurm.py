@@ -133,17 +133,16 @@ def stop_by_preemption(job_id):
 @pytest.mark.parametrize("stop", [stop_by_usr2, stop_by_requeue, stop_by_preemption],
                          ids=["scancel --signal=USR2", "scontrol requeue", "pre-emption"])
 def test_a_job_stopped_mid_run_finishes_by_itself(uninterrupted, cifar_dir, tmp_path, stop):
+    started = time.monotonic()
     process = start_sweep(tmp_path, cifar_dir)
     wait_for_epochs(tmp_path / "out", 3, process)
-    start_stopped = time.monotonic()
     stop(running_job())
     code, stdout, stderr = finish(process)
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert "stopped by the scheduler and requeued" in stdout and "FAILED" not in stdout
     assert epochs_of(tmp_path / "out") == list(range(EPOCHS))  # each epoch exactly once
     if stop is stop_by_usr2:  # the requeue comes within seconds, not after a stalled wait
-        plain_seconds = uninterrupted[0]
-        assert time.monotonic() - start_stopped < plain_seconds + 60
+        assert time.monotonic() - started <= uninterrupted[0] + 60  # the whole sweep, against the one not stopped
 
 
 def test_the_time_limit_requeues_and_the_run_finishes(slurm, cifar_dir, tmp_path):
@@ -217,7 +216,7 @@ def test_an_impossible_request_submits_nothing(slurm, cifar_dir, tmp_path, flags
     result = run_script("reproduce.py", experiment, "--out", tmp_path / "out", *SLURM, *flags, "--", *TINY,
                         "--data-dir", cifar_dir)
     assert_refused(result, *words)
-    assert job_ids() == before and not (tmp_path / "out").exists()
+    assert not job_ids() - before and not (tmp_path / "out").exists()  # no new job (old ones age out of squeue)
 
 
 def submitter(cifar_dir, tmp_path, **request):
