@@ -39,7 +39,7 @@ import sweep_jobs
 import sweeps
 from cifar_data import find_local_data
 from errors import UsageError
-from outputs import atomic_write, write_text
+from outputs import atomic_write, run_paths, write_text
 from runs import RunLock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,9 +106,9 @@ class Run:
         if config.data_dir:
             find_local_data(config.data_dir, config.dataset)
         self.name, self.epochs = config.run_name, config.epochs
-        checkpoints = os.path.join(out, "checkpoints", self.name)
-        self.files = {"model": checkpoints + ".h5", "state": checkpoints + ".state.weights.h5",
-                      "saved": checkpoints + ".json", "history": os.path.join(out, "logs", self.name, "history.csv")}
+        paths = run_paths(os.path.join(out, "checkpoints"), os.path.join(out, "logs"), self.name)
+        self.files = {"model": paths["h5"], "state": paths["state"], "saved": paths["json"],
+                      "history": paths["log_csv"]}
         self.history = self.files["history"]
 
     def status(self):

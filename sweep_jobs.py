@@ -14,6 +14,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -49,6 +50,15 @@ def run_status(files, epochs):
     return "new"
 
 
+def wait_for(process, timeout=math.inf):
+    """The exit code of `process` once the thread waiting on it has seen it end (None after `timeout` seconds),
+    read without touching Popen's wait lock, so a signal handler may call it while the job's own call does too."""
+    deadline = time.monotonic() + timeout
+    while process.returncode is None and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    return process.returncode
+
+
 class TrainingJob:
     """What submitit runs: the family script as a child process, with --resume when the run has files.
 
@@ -68,9 +78,7 @@ class TrainingJob:
         command = [*self.command, "--resume"] if status == "interrupted" else self.command
         self.process = subprocess.Popen(command, env={**os.environ, **self.env})
         threading.Thread(target=self.process.wait, daemon=True).start()
-        while self.process.returncode is None:  # the signal handlers run here
-            time.sleep(POLL_S)
-        code = self.process.returncode
+        code = wait_for(self.process)  # the signal handlers run here
         if code == 0:
             return 0
         if code - 128 in STOP_SIGNALS:
@@ -89,10 +97,7 @@ class TrainingJob:
         if process is not None and process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGUSR2)  # SLURM sent it too; the script takes one stop signal
-            deadline = time.monotonic() + CHILD_STOP_S
-            while process.returncode is None and time.monotonic() < deadline:
-                time.sleep(POLL_S)
-            if process.returncode is None:
+            if wait_for(process, CHILD_STOP_S) is None:
                 process.kill()
         return submitit.helpers.DelayedSubmission(TrainingJob(self.command, self.files, self.epochs, self.env))
 

@@ -50,8 +50,8 @@ MUTATIONS = [
      ["tests/test_run_identity.py::test_a_stop_signal_then_resume_equals_an_uninterrupted_run"]),
     ("a sweep job waits for its script on Popen's lock (the requeue stalls)", "sweep_jobs.py",
      "        threading.Thread(target=self.process.wait, daemon=True).start()\n"
-     "        while self.process.returncode is None:  # the signal handlers run here\n"
-     "            time.sleep(POLL_S)\n", "        self.process.wait()\n",
+     "        code = wait_for(self.process)  # the signal handlers run here\n",
+     "        code = self.process.wait()\n",
      ["tests/test_reproduce.py::test_the_time_limit_warning_requeues_within_seconds_and_the_requeued_job_resumes"]),
     ("every multi-process run failing before its first epoch", "common.py",
      "        distributed.start_processes(config)  # JAX: before anything asks for a device\n",
