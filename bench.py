@@ -37,7 +37,6 @@ what a long run feels), with the host's CPU model.
 import contextlib
 import csv
 import dataclasses
-import importlib
 import io
 import itertools
 import os
@@ -51,15 +50,14 @@ import time
 
 import numpy as np
 
-import cli
-import recipe
-from cifar_data import DATASETS, IMAGE_SHAPE, find_local_data
-from devices import (PRECISIONS, accelerators, configure_backend, cpu_model, resolve_precision,
+from resnet_cifar import cli, families, recipe
+from resnet_cifar.cifar_data import DATASETS, IMAGE_SHAPE, find_local_data
+from resnet_cifar.devices import (PRECISIONS, accelerators, configure_backend, cpu_model, resolve_precision,
                      resolve_steps_per_execution)
-from errors import UsageError
-from training import run_epoch
-from units import with_batch_normalization
-from workarounds import batches
+from resnet_cifar.errors import UsageError, one_line_usage_errors
+from resnet_cifar.training import run_epoch
+from resnet_cifar.units import with_batch_normalization
+from resnet_cifar.speedups import batches
 
 LOOPS = ("ours", "keras")
 OVERHEAD_BATCH = 8  # bench.py --overhead: a batch whose copying is negligible next to the framework's work
@@ -149,18 +147,15 @@ def bench_models(argv):
     parser.add_argument("--warmup", type=cli.positive_int, default=3, help="steps run with compilation")
     parser.add_argument("--repeats", type=cli.positive_int, default=3, help="median of this many timings")
     args, family_argv = parser.parse_known_args(argv)
-    name = os.path.splitext(os.path.basename(args.script))[0]
-    if not os.path.isfile(os.path.join(HERE, f"{name}.py")) or not name.startswith("train_"):
-        raise UsageError(f"no family script {args.script!r} (e.g. train_resnet32.py)")
-    module = importlib.import_module(name)
-    variants = [cli.parse(family_argv + shlex.split(v), module.add_arguments, getattr(module, "resolve", None),
-                          module.run_name) for v in args.variants]
+    name = os.path.splitext(os.path.basename(families.script_path(args.script)))[0]
+    family = families.load(args.script)
+    variants = [cli.parse(family_argv + shlex.split(v), family) for v in args.variants]
 
     configure_backend()
     machine = machine_fields()
     configs = list(itertools.product(variants, args.batch_size, args.precision, args.jit_compile, args.batch_norm,
                                      args.loop, args.steps_per_execution))
-    prepared = [prepare(module.build_model, family_config, batch, precision,
+    prepared = [prepare(family.build_model, family_config, batch, precision,
                         {"auto": "auto", "true": True, "false": False}[jit], batch_norm, loop, spe, args.steps,
                         args.warmup)
                 for family_config, batch, precision, jit, batch_norm, loop, spe in configs]
@@ -208,11 +203,11 @@ def overhead(argv):
     parser.add_argument("--warmup", type=cli.positive_int, default=8)
     parser.add_argument("--repeats", type=cli.positive_int, default=3)
     args = parser.parse_args(argv)
-    import train_resnet32
+    resnet32 = families.load("train_resnet32.py")
     configs = [("keras", 1)] + [("ours", spe) for spe in args.steps_per_execution]
     configure_backend()
     machine = machine_fields()
-    prepared = [prepare(tiny_model, cli.parse([], train_resnet32.add_arguments), args.batch_size, "float32",
+    prepared = [prepare(tiny_model, cli.parse([], resnet32), args.batch_size, "float32",
                         "auto", "auto", loop, spe, args.steps, args.warmup) for loop, spe in configs]
     us = [1e6 * seconds / args.steps for seconds in round_robin(prepared, args.steps, args.repeats)]
     for (loop, spe), value in zip(configs, us):
@@ -283,8 +278,8 @@ def versus_seed(argv):
 
 
 def profile(argv):
-    import profile_epoch
-    profile_epoch.profile(argv)
+    from resnet_cifar import epoch_profile
+    epoch_profile.profile(argv)
 
 
 MODES = {"model": bench_models, "overhead": overhead, "versus-seed": versus_seed, "profile": profile}
@@ -292,13 +287,13 @@ MODES = {"model": bench_models, "overhead": overhead, "versus-seed": versus_seed
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if not argv or argv[0] not in MODES:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    with one_line_usage_errors("bench.py"):
+        if argv[0] not in MODES:
             raise UsageError(f"give a mode first: {', '.join(MODES)} (e.g. bench.py model train_resnet32.py)")
         MODES[argv[0]](argv[1:])
-    except UsageError as error:
-        print(f"bench.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """`main`, shared by every train_*.py script: parse the command line into one immutable RunConfig, check
 every path, then train, evaluate or summarize; bad input is one line on stderr with exit code 2.
 
-A family script provides four things and calls `main`:
-    add_arguments(parser)       its own flags (depth, unit type, ...)
-    resolve(args)               its flags' resolved values and recipe defaults (a dict); UsageError if impossible
-    run_name(config)            e.g. "resnet32_e" (the dataset is appended)
-    build_model(config, classes)  the Keras model, built with units.py and recipe.image_input
+A family script defines its flags, run name and network, and hands them to `main` as one
+resnet_cifar.families.Family:
 
-Where the rest lives (README "Layout"): cli.py the flags, run_config.py the resolved settings, recipe.py the
-recipe, training.py the loop, checkpoints.py and outputs.py the files, devices.py the backend, distributed.py
---distribute, workarounds.py every Keras/TensorFlow workaround.
+    FAMILY = Family(__doc__, add_arguments, run_name, build_model, resolve)
+    if __name__ == "__main__":
+        common.main(FAMILY)
+
+The training path below reads top to bottom: check, lock, load, build, compile, fit, save. What it calls lives
+in the resnet_cifar package, one concern a module (docs/layout.md).
 
 Import-safe: Keras (and through it TensorFlow, JAX or PyTorch) is imported inside the functions that need it,
 after the command line and every path have been checked.
@@ -22,51 +22,46 @@ import os
 import shlex
 import signal
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-import cli
-import distributed
-import runs
-from checkpoints import as_trained, check_model_file, check_resume, load_model_safely, read_state_record, save_model
-from cifar_data import DATASETS, find_local_data, load_data
-from devices import configure_backend, where_it_trains
-from distributed import Watchdog, distribution, synchronize_batch_norm
-from errors import STOP_SIGNALS, Preempted, TrainingError, UsageError
-from outputs import (CHECKPOINT_FILES, check_free_space, check_writable_dir, final_line, no_space_message,
-                     private_run_paths, remove_stale_temporaries, run_paths, write_text)
-from recipe import MOMENTUM, NESTEROV, compile_model
-from training import checkpoint_bytes, eval_batch_size, fit
-from workarounds import (batches, build_before_first_step, prepare_multi_worker_fit, release_activations,
-                         resolve_jit_compile, set_random_seed)
+from resnet_cifar import cli, distributed, runs
+from resnet_cifar.checkpoints import SavedState, as_trained, check_model_file, load_model_safely, save_model
+from resnet_cifar.cifar_data import DATASETS, find_local_data, load_data
+from resnet_cifar.devices import configure_backend, where_it_trains
+from resnet_cifar.errors import STOP_SIGNALS, Preempted, TrainingError, UsageError, one_line_usage_errors
+from resnet_cifar.outputs import (CHECKPOINT_FILES, check_free_space, check_writable_dir, final_line,
+                                  no_space_message, remove_stale_temporaries, run_paths, write_text)
+from resnet_cifar.recipe import MOMENTUM, NESTEROV, compile_model
+from resnet_cifar.training import Run, checkpoint_bytes, eval_batch_size, fit
+from resnet_cifar.speedups import (batches, build_before_first_step, release_activations, resolve_jit_compile,
+                                   stock_layers)
+from resnet_cifar.workarounds import set_random_seed
 
 
-def main(description, add_arguments, run_name, build_model, resolve=None, argv=None):
+def main(family, argv=None):
     """Parse and check everything, then train, evaluate or summarize. Bad input: one line, exit 2."""
     prog = os.path.basename(sys.argv[0])
     for signum in STOP_SIGNALS:
         signal.signal(signum, _preempt)
-    try:
-        config = cli.parse(argv, add_arguments, resolve, run_name, description)
-        _run(config, build_model)
-    except UsageError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingError as error:
-        print(f"{prog}: training failed: {error}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)  # no interpreter shutdown: a lost worker's collectives would abort it with a core dump
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Preempted as stop:
-        command = shlex.join([prog, *(a for a in sys.argv[1:] if a != "--overwrite"), "--resume"]
-                             if "--resume" not in sys.argv else [prog, *sys.argv[1:]])
-        print(f"{prog}: stopped by {signal.Signals(stop.signum).name}; every completed epoch is saved, "
-              f"continue with: {command}", file=sys.stderr)
-        sys.exit(128 + stop.signum)
+    with one_line_usage_errors(prog):
+        try:
+            config = cli.parse(argv, family)
+            _run(config, family.build_model)
+        except TrainingError as error:
+            print(f"{prog}: training failed: {error}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)  # no interpreter shutdown: a lost worker's collectives would abort it with a core dump
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Preempted as stop:
+            command = shlex.join([prog, *(a for a in sys.argv[1:] if a != "--overwrite"), "--resume"]
+                                 if "--resume" not in sys.argv else [prog, *sys.argv[1:]])
+            print(f"{prog}: stopped by {signal.Signals(stop.signum).name}; every completed epoch is saved, "
+                  f"continue with: {command}", file=sys.stderr)
+            sys.exit(128 + stop.signum)
 
 
 def _preempt(signum, frame):
@@ -78,7 +73,6 @@ def _preempt(signum, frame):
 def _run(config, build_model):
     cluster = distributed.check(config)
     spec = DATASETS[config.dataset]
-    name = config.run_name
     if config.summary:
         configure_backend(config.precision)
         build_model(config, spec.classes).summary()
@@ -90,21 +84,22 @@ def _run(config, build_model):
         return _evaluate(config, spec)
     if importlib.util.find_spec("tensorboard") is None:  # the scalar log needs it: say so now, not after an epoch
         raise UsageError("the tensorboard package is missing; fix: pip install tensorboard")
-    paths = run_paths(config.checkpoint_dir, config.log_dir, name)
+    config = runs.find_run_to_resume(config)  # --resume with a raised --epochs: the run trained with fewer
+    paths = run_paths(config.checkpoint_dir, config.log_dir, config.run_name)
     with contextlib.ExitStack() as owner:
-        saved_state = None
         if cluster.chief:  # the only process that writes: it owns the run's files
             check_writable_dir(config.checkpoint_dir, "--checkpoint-dir")
-            owner.enter_context(runs.RunLock(config.checkpoint_dir, name))
-            check_writable_dir(os.path.join(config.log_dir, name), "--log-dir")
-            runs.refuse_to_clobber(paths, name, config.resume, config.overwrite)
+            owner.enter_context(runs.RunLock(config.checkpoint_dir, config.run_name))
+            check_writable_dir(os.path.join(config.log_dir, config.run_name), "--log-dir")
+            runs.refuse_to_clobber(paths, config.run_name, config.resume, config.overwrite)
+        saved = None
         if config.resume and os.path.isfile(paths["state"]):
-            saved_state = read_state_record(paths["state"])
+            saved = SavedState.read(paths["state"])
         elif config.resume and not cluster.chief:  # before joining the others
             raise UsageError(f"--resume: {cluster.kind} cannot read the chief's state {paths['state']} (give every "
                              "worker the same --checkpoint-dir on a shared folder, or rerun all without --resume)")
         try:
-            _train(config, build_model, cluster, spec, paths, saved_state)
+            _train(config, build_model, cluster, spec, paths, saved)
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -112,73 +107,54 @@ def _run(config, build_model):
             raise TrainingError(no_space_message(folder)) from None
 
 
-def _train(config, build_model, cluster, spec, paths, saved_state):
-    name = config.run_name
+def _train(config, build_model, cluster, spec, paths, saved):
     data = load_data(config)
     if len(data[0][0]) < config.batch_size:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(data[0][0])} training images "
                          "(lower --batch-size or raise --train-limit)")
-
     # XLA's own collective timeout stays above ours: the watchdog's one line comes first, not XLA's core dump
-    backend = configure_backend(config.precision, config.cpu_devices, collective_timeout=2 * config.wait_timeout)
+    backend = configure_backend(config.precision, config.cpu_devices, collective_timeout=2 * config.wait_timeout,
+                                plain=config.plain_keras)
     if backend != config.backend:
         raise UsageError(f"Keras started {backend}, not {config.backend}: set KERAS_BACKEND explicitly")
     for signum in STOP_SIGNALS:  # again: a framework may have set its own handler while starting
         signal.signal(signum, _preempt)
-    with contextlib.ExitStack() as stack:
-        # Joining the other processes is bounded by --wait-timeout on its own (jax.distributed's timeout,
-        # distributed.wait_for_peers for TensorFlow); from then on the watchdog bounds every wait.
-        distributed.start_processes(config)  # JAX: before anything asks for a device
-        scope, devices = distribution(config, cluster)
-        watchdog = None
-        if config.distribute:
-            waiting_for = f"the other {'workers' if cluster.processes > 1 else 'devices'} ({cluster.kind})"
-            watchdog = stack.enter_context(Watchdog(config.wait_timeout, waiting_for))
-        # one writer: the other processes write into a private folder deleted at the end
-        writes = paths if cluster.chief else private_run_paths(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="worker-")), name)
-        if config.batch_size % devices:
-            raise UsageError(f"--batch-size {config.batch_size} does not split over {devices} devices "
-                             f"(use a multiple of {devices})")
+    with distributed.Processes(config, cluster, paths) as processes:
+        writes = processes.writes
         set_random_seed(config.seed)
-        with scope:
-            model = build_model(config, spec.classes)
-            record = run_record(config, model, data, paths, devices, cluster.processes)
-            if saved_state is not None:  # every setting compared before anything is written
-                check_resume(saved_state, record, paths["state"])
-            remove_stale_temporaries(os.path.dirname(writes["h5"]),
-                                     {os.path.basename(writes[k]) for k in CHECKPOINT_FILES})
-            if config.overwrite:  # the earlier run's files go only now, once everything has been checked
-                for key in (*CHECKPOINT_FILES, "log_csv", "log_json"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(writes[key])
-            for key in ("json", "log_json"):
-                write_text(writes[key], json.dumps(record, indent=2) + "\n")
-            if config.distribute and backend == "tensorflow":
-                synchronize_batch_norm(model, True)
-            compile_model(model, config.lr_schedule, record["steps_per_epoch"], config.steps_per_execution)
-            prepare_multi_worker_fit(model, config.batch_size, cluster.processes)
-            print("\n".join(where_it_trains(model, devices, cluster.kind)), flush=True)
-            try:
-                history, seconds, images_per_s = fit(model, config, data, writes, record, cluster,
-                                                     watchdog.beat if watchdog else None, resume_from=paths["state"],
-                                                     saved_state=saved_state)
-            except Exception as error:  # a worker or device lost mid-run: the framework's error, one line
-                if config.distribute and (cluster.processes > 1 or distributed.is_runtime_error(error)):
-                    message = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-                    raise TrainingError(f"{cluster.kind}: {message} (a worker or device was lost; every "
-                                        "completed epoch is saved: rerun all with --resume)") from None
-                raise
-            synchronize_batch_norm(model, False)
-            check_free_space(os.path.dirname(writes["h5"]) or ".", 2 * checkpoint_bytes(record["params"]))
-            save_model(model, writes["h5"], writes["keras"])
+        model = build_model(config, spec.classes)
+        if config.plain_keras:
+            model = stock_layers(model)
+        record = run_record(config, model, data, paths, processes.devices, cluster.processes)
+        if saved is not None:  # every setting compared before anything is written
+            saved.check(record)
+        remove_stale_temporaries(os.path.dirname(writes["h5"]),
+                                 {os.path.basename(writes[k]) for k in CHECKPOINT_FILES})
+        if config.overwrite:  # the earlier run's files go only now, once everything has been checked
+            for key in (*CHECKPOINT_FILES, "log_csv", "log_json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(writes[key])
+        for key in ("json", "log_json"):
+            write_text(writes[key], json.dumps(record, indent=2) + "\n")
+        processes.prepare(model)
+        compile_model(model, config.lr_schedule, record["steps_per_epoch"], config.steps_per_execution,
+                      plain=config.plain_keras)
+        processes.prepare_fit(model)
+        print("\n".join(where_it_trains(model, processes.devices, cluster.kind)), flush=True)
+        run = Run(config, data, writes, record, cluster, processes.beat, saved)
+        with processes.training():
+            history, seconds, images_per_s = fit(model, run)
+        processes.finish(model)
+        check_free_space(os.path.dirname(writes["h5"]) or ".", 2 * checkpoint_bytes(record["params"]))
+        save_model(model, writes["h5"], writes["keras"])
     if cluster.chief:
         print(f"saved {paths['h5']} and {paths['keras']}, history {paths['csv']}, configuration {paths['json']}, "
               f"TensorBoard logs {paths['log_run']}")
     last = history[-1]
-    print(final_line(run=name, epochs=len(history), params=model.count_params(),
+    print(final_line(run=config.run_name, epochs=len(history), params=model.count_params(),
                      test_acc=f"{last['test_accuracy']:.4f}", test_loss=f"{last['test_loss']:.4f}",
-                     train_images_per_s=f"{images_per_s:.1f}", seconds=f"{seconds:.1f}", devices=devices))
+                     train_images_per_s=f"{images_per_s:.1f}", seconds=f"{seconds:.1f}",
+                     devices=processes.devices))
 
 
 def run_record(config, model, data, paths, devices, processes):

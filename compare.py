@@ -16,12 +16,10 @@ import argparse
 import csv
 import json
 import os
-import sys
 
-import cli
-import sweeps
-from errors import UsageError
-from outputs import atomic_write
+from resnet_cifar import cli, statistics
+from resnet_cifar.errors import UsageError, one_line_usage_errors
+from resnet_cifar.outputs import atomic_write
 
 PANELS = (("accuracy", "train accuracy"), ("loss", "train loss"),
           ("test_accuracy", "test accuracy"), ("test_loss", "test loss"))
@@ -94,23 +92,20 @@ def main(argv=None):
     parser.add_argument("--out", required=True, metavar="FIG.png", help="where to write the figure")
     parser.add_argument("--log-dir", default="logs")
     parser.add_argument("--zoom", type=cli.positive_int, default=40, help="epochs in the zoomed panel")
-    try:
+    with one_line_usage_errors("compare.py"):
         args = parser.parse_args(argv)
         out_dir = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(out_dir):
             raise UsageError(f"--out {args.out!r}: folder {out_dir} does not exist")
         runs = [load_run(run, args.log_dir) for run in args.runs]
         atomic_write(args.out, lambda tmp: figure(runs, tmp, args.zoom))
-    except UsageError as error:
-        print(f"compare.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
     print(table(runs))
-    groups = [(name, members) for name, members in sweeps.group_by_seed(runs) if len(members) > 1]
+    groups = [(name, members) for name, members in statistics.group_by_seed(runs) if len(members) > 1]
     if groups:  # runs that differ only in their seed, summarized together
         print("\nRuns that differ only in their seed:\n")
-        print(sweeps.markdown_table([{"label": f"{name} and {len(members) - 1} more (seeds "
+        print(statistics.markdown_table([{"label": f"{name} and {len(members) - 1} more (seeds "
                                                f"{', '.join(str(m['config'].get('seed')) for m in members)})",
-                                      "accuracies": [sweeps.final_accuracy(m["history"]) for m in members]}
+                                      "accuracies": [statistics.final_accuracy(m["history"]) for m in members]}
                                      for name, members in groups]))
     print(f"\nfigure: {args.out}")
 

@@ -33,18 +33,13 @@ import shlex
 import sys
 import tomllib
 
-import cli
-import slurm_cluster
-import sweep_jobs
-import sweeps
-from cifar_data import find_local_data
-from errors import UsageError
-from outputs import atomic_write, run_paths, write_text
-from runs import RunLock
+from resnet_cifar import cli, families, slurm_cluster, statistics, sweep_jobs
+from resnet_cifar.cifar_data import find_local_data
+from resnet_cifar.errors import UsageError, one_line_usage_errors
+from resnet_cifar.outputs import atomic_write, run_paths, write_text
+from resnet_cifar.runs import RunLock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ("train_resnet32.py", "train_resnet_variants.py", "train_resnet_bottleneck.py", "train_resnet_v2.py",
-           "train_resnext.py")
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # submitit's local executor ends a job after its timeout: never, in practice
 MAX_TIMEOUTS = 3  # submitit's max_num_timeout: how often a job may reach its time limit and be requeued
 
@@ -76,8 +71,8 @@ def load_experiment(path):
     if not isinstance(experiment.get("title"), str) or not isinstance(rows, list) or not rows:
         raise UsageError(f"experiment {path} needs a title and at least one [[rows]] entry")
     for i, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not isinstance(row.get("label"), str) or row.get("script") not in SCRIPTS:
-            raise UsageError(f"experiment {path}, row {i}: needs a label and a script, one of {', '.join(SCRIPTS)}")
+        if not isinstance(row, dict) or not isinstance(row.get("label"), str) or row.get("script") not in families.SCRIPTS:
+            raise UsageError(f"experiment {path}, row {i}: needs a label and a script, one of {', '.join(families.SCRIPTS)}")
         flags = row.get("flags", [])
         if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags):
             raise UsageError(f"experiment {path}, row {i} ({row['label']}): flags must be a list of strings")
@@ -93,14 +88,12 @@ class Run:
     """One (row, seed) of a sweep: its script's command, and where its files are."""
 
     def __init__(self, row, seed, extra, out):
-        import importlib
         self.label, self.seed = row["label"], seed
         self.script = row["script"]
         self.flags = [*row.get("flags", []), *extra, "--seed", str(seed),
                       "--log-dir", os.path.join(out, "logs"), "--checkpoint-dir", os.path.join(out, "checkpoints")]
-        module = importlib.import_module(self.script[:-3])
         try:  # the script's own parser: a bad row is refused before anything starts
-            config = cli.parse(self.flags, module.add_arguments, getattr(module, "resolve", None), module.run_name)
+            config = cli.parse(self.flags, families.load(self.script))
         except UsageError as error:
             raise UsageError(f"row {self.label!r}, seed {seed}: {error}") from None
         if config.data_dir:
@@ -116,7 +109,7 @@ class Run:
         return sweep_jobs.run_status(self.files, self.epochs)
 
     def final_accuracy(self):
-        return sweeps.final_accuracy(sweeps.read_history(self.history))
+        return statistics.final_accuracy(statistics.read_history(self.history))
 
     def command(self):
         resume = ["--resume"] if self.status() == "interrupted" else []
@@ -167,9 +160,9 @@ def table(experiment, runs):
     rows = []
     for row in experiment["rows"]:
         mine = [r for r in runs if r.label == row["label"] and r.status() == "finished"]
-        histories = [sweeps.read_history(r.history) for r in mine]
+        histories = [statistics.read_history(r.history) for r in mine]
         rows.append({"label": row["label"], "published": row.get("published"), "histories": histories,
-                     "accuracies": [sweeps.final_accuracy(h) for h in histories]})
+                     "accuracies": [statistics.final_accuracy(h) for h in histories]})
     return rows
 
 
@@ -197,43 +190,44 @@ def main(argv=None):
     slurm.add_argument("--gpus-per-run", type=cli._int_at_least(0), default=1, metavar="N")
     slurm.add_argument("--cpus-per-run", type=cli.positive_int, default=8, metavar="N")
     slurm.add_argument("--account")
-    try:
-        args = parser.parse_args(argv)
-        experiment = load_experiment(args.experiment)
-        name = os.path.splitext(os.path.basename(args.experiment))[0]
-        out = args.out or os.path.join("sweeps", name)
-        # seed by seed, every row each time: a sweep stopped part-way has every row at the same number of seeds
-        runs = [Run(row, seed, extra, out) for seed in (args.seeds or experiment["seeds"]) for row in experiment["rows"]]
-        if len({r.name for r in runs}) < len(runs):
-            raise UsageError("two rows of the experiment give the same run (same script and flags): make them differ")
-        if args.print:
-            for run in runs:
-                if run.status() != "finished":
-                    print(shlex.join(run.command()))
-            return
-        if args.executor == "slurm":
-            if not args.partition:
-                raise UsageError("--executor slurm needs --partition (and --time, --gpus-per-run, maybe --account)")
-            slurm_cluster.check_request(args.partition, args.cpus_per_run, args.gpus_per_run, args.time)
-        os.makedirs(out, exist_ok=True)
-        with RunLock(out, "sweep", f"a sweep into {out} is following its runs in another process"):
-            failed = run_sweep(runs, args, out)
-    except UsageError as error:
-        print(f"reproduce.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        jobs = (f"; its SLURM jobs go on (ids in {os.path.join(out, 'jobs.json')}), scancel them to stop them"
-                if args.executor == "slurm" else "")
-        print(f"reproduce.py: interrupted{jobs}; rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
+    with one_line_usage_errors("reproduce.py"):
+        try:
+            args = parser.parse_args(argv)
+            experiment = load_experiment(args.experiment)
+            name = os.path.splitext(os.path.basename(args.experiment))[0]
+            out = args.out or os.path.join("sweeps", name)
+            # seed by seed, every row each time: a sweep stopped part-way has every row at the same number of seeds
+            runs = [Run(row, seed, extra, out)
+                    for seed in (args.seeds or experiment["seeds"]) for row in experiment["rows"]]
+            if len({r.name for r in runs}) < len(runs):
+                raise UsageError("two rows of the experiment give the same run (same script and flags): "
+                                 "make them differ")
+            if args.print:
+                for run in runs:
+                    if run.status() != "finished":
+                        print(shlex.join(run.command()))
+                return
+            if args.executor == "slurm":
+                if not args.partition:
+                    raise UsageError("--executor slurm needs --partition (and --time, --gpus-per-run, maybe "
+                                     "--account)")
+                slurm_cluster.check_request(args.partition, args.cpus_per_run, args.gpus_per_run, args.time)
+            os.makedirs(out, exist_ok=True)
+            with RunLock(out, "sweep", f"a sweep into {out} is following its runs in another process"):
+                failed = run_sweep(runs, args, out)
+        except KeyboardInterrupt:
+            jobs = (f"; its SLURM jobs go on (ids in {os.path.join(out, 'jobs.json')}), scancel them to stop them"
+                    if args.executor == "slurm" else "")
+            print(f"reproduce.py: interrupted{jobs}; rerun the same command to continue", file=sys.stderr)
+            sys.exit(130)
     rows = table(experiment, runs)
     text = (f"{experiment['title']} ({experiment.get('paper', '')}, {experiment.get('table', '')})\n\n"
-            + sweeps.markdown_table(rows) + "\n\n" + f"Final (last-epoch) test accuracy over seeds; published: "
+            + statistics.markdown_table(rows) + "\n\n" + f"Final (last-epoch) test accuracy over seeds; published: "
             f"{experiment.get('published', {}).get('statistic', 'as printed')}.\n")
     print("\n" + text)
     write_text(os.path.join(out, "table.md"), text)
     atomic_write(os.path.join(out, "curves.png"),
-                 lambda tmp: sweeps.mean_curves_figure(rows, tmp, experiment["title"]))
+                 lambda tmp: statistics.mean_curves_figure(rows, tmp, experiment["title"]))
     print(f"table: {os.path.join(out, 'table.md')}, figure: {os.path.join(out, 'curves.png')}")
     if failed:
         print(f"reproduce.py: {failed} runs failed; rerun the same command to retry them", file=sys.stderr)

@@ -22,35 +22,21 @@ results/README.md).
 """
 from functools import partial
 
-import cli
 import common
-import recipe
-from units import UNITS, Style, Unit, bn_relu_gap_head, model_from, residual_unit, stack
+from resnet_cifar import cifar_resnet, cli, recipe
+from resnet_cifar.cifar_resnet import STACK_N, STEM_FILTERS, resnet, stages
+from resnet_cifar.families import Family
+from resnet_cifar.units import UNITS, Style, Unit, bn_relu_gap_head, model_from, residual_unit, stack
 
-STEM_FILTERS = 16
-STAGE_FILTERS = (16, 32, 64)  # He et al. 2015, §4.2: feature maps 32x32, 16x16, 8x8
-STACK_N = 5  # depth = 6n + 2 = 32
+# The compact form, resnet_cifar.cifar_resnet.resnet: a 3x3 stem to STEM_FILTERS channels, then per stage
+# (filters, units, stride) = (16, n, 1), (32, n, 2), (64, n, 2) of unit e, BN-ReLU, pooling, softmax.
 # resnet34: the two downsampling units of resnet32 become pre-activation bottlenecks whose inner width
 # is the unit's input channels, the projection again reading the first activation.
 PREACT_BOTTLENECK = Unit("bn relu conv1 bn relu conv3 bn relu conv1", projection="activated")
 
 
 def depth(stack_n, model="resnet32"):
-    return 6 * stack_n + 2 + (2 if model == "resnet34" else 0)
-
-
-def stages(stack_n):
-    """(filters, units, stride) per stage."""
-    return [(filters, stack_n, 1 if i == 0 else 2) for i, filters in enumerate(STAGE_FILTERS)]
-
-
-def resnet(stack_n=STACK_N, unit=UNITS["e"], classes=10, style=Style(), plain=False, name=None):
-    """The compact form: the 6n+2 network with any unit of He et al. 2016 (the plain twin has no shortcut)."""
-    inputs, x = recipe.image_input()
-    x = style.conv(STEM_FILTERS, 3, name="stem_conv")(x)
-    x = stack(x, stages(stack_n), partial(residual_unit, unit=unit, style=style, shortcut=not plain))
-    outputs = bn_relu_gap_head(x, classes, style)
-    return model_from(inputs, outputs, name or f"resnet{depth(stack_n)}")
+    return cifar_resnet.depth(stack_n) + (2 if model == "resnet34" else 0)
 
 
 def resnet32_spelled_out(classes=10, style=Style()):
@@ -109,5 +95,7 @@ def build_model(config, classes):
     return resnet(config.stack_n, classes=classes, style=style)
 
 
+FAMILY = Family(__doc__, add_arguments, run_name, build_model)
+
 if __name__ == "__main__":
-    common.main(__doc__, add_arguments, run_name, build_model)
+    common.main(FAMILY)

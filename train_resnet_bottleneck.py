@@ -20,8 +20,9 @@ results/README.md).
 from functools import partial
 
 import common
-import recipe
-from units import Style, Unit, bn_relu_gap_head, model_from, residual_unit, stack
+from resnet_cifar import recipe
+from resnet_cifar.families import Family
+from resnet_cifar.units import Style, Unit, bn_relu_gap_head, model_from, residual_unit, stack
 
 STEM_FILTERS = 64
 WIDTHS = (64, 128, 256, 512)  # bottleneck widths; each unit outputs EXPANSION * width
@@ -56,5 +57,7 @@ def build_model(config, classes):
     return bottleneck_resnet(config.depth, classes, Style(weight_decay=config.weight_decay))
 
 
+FAMILY = Family(__doc__, add_arguments, run_name, build_model)
+
 if __name__ == "__main__":
-    common.main(__doc__, add_arguments, run_name, build_model)
+    common.main(FAMILY)

@@ -36,9 +36,10 @@ results/README.md).
 from functools import partial
 
 import common
-import recipe
-from errors import UsageError
-from units import Style, Unit, bn_relu_gap_head, model_from, residual_unit, stack
+from resnet_cifar import recipe
+from resnet_cifar.errors import UsageError
+from resnet_cifar.families import Family
+from resnet_cifar.units import Style, Unit, bn_relu_gap_head, model_from, residual_unit, stack
 
 STEM_FILTERS = 16
 POOL_SIZE = 8  # 8x8 feature maps after two halvings
@@ -140,5 +141,7 @@ def build_model(config, classes):
     return resnet_v1_v2(config.version, config.depth, classes, Style(weight_decay=config.weight_decay, **KERAS_BN))
 
 
+FAMILY = Family(__doc__, add_arguments, run_name, build_model, resolve)
+
 if __name__ == "__main__":
-    common.main(__doc__, add_arguments, run_name, build_model, resolve)
+    common.main(FAMILY)

@@ -22,11 +22,11 @@ results/README.md).
 """
 from functools import partial
 
-import cli
 import common
-import recipe
-from units import UNITS, Style, Unit, model_from, residual_unit, stack
-from train_resnet32 import STACK_N, depth, resnet
+from resnet_cifar import cli, recipe
+from resnet_cifar.cifar_resnet import STACK_N, depth, resnet
+from resnet_cifar.families import Family
+from resnet_cifar.units import UNITS, Style, Unit, model_from, residual_unit, stack
 
 # Section 4 of the spec: the "Building a ResNet in Keras" network, post-activation with ReLU *then* BN.
 WIDE_STEM_FILTERS = 64
@@ -76,5 +76,7 @@ def build_model(config, classes):
     return resnet(config.stack_n, UNITS[config.unit], classes, style, config.plain, name=run_name(config))
 
 
+FAMILY = Family(__doc__, add_arguments, run_name, build_model, resolve)
+
 if __name__ == "__main__":
-    common.main(__doc__, add_arguments, run_name, build_model, resolve)
+    common.main(FAMILY)

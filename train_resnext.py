@@ -31,9 +31,10 @@ results/README.md).
 from functools import partial
 
 import common
-import recipe
-from errors import UsageError
-from units import Style, Unit, model_from, residual_unit, stack
+from resnet_cifar import recipe
+from resnet_cifar.errors import UsageError
+from resnet_cifar.families import Family
+from resnet_cifar.units import Style, Unit, model_from, residual_unit, stack
 
 STEM_FILTERS = 64
 UNIT = Unit("conv1 bn relu conv3 bn relu conv1 bn", after_add="relu", projection_bn=True)
@@ -152,5 +153,7 @@ def build_model(config, classes):
                    Style(weight_decay=config.weight_decay, use_bias=False))
 
 
+FAMILY = Family(__doc__, add_arguments, run_name, build_model, resolve)
+
 if __name__ == "__main__":
-    common.main(__doc__, add_arguments, run_name, build_model, resolve)
+    common.main(FAMILY)

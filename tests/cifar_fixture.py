@@ -5,7 +5,7 @@ import tarfile
 
 import numpy as np
 
-import cifar_data
+from resnet_cifar import cifar_data
 
 
 def learnable_images(labels, rng):

@@ -10,9 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import cifar_data  # noqa: E402
-import cli  # noqa: E402
-import recipe  # noqa: E402
+from resnet_cifar import cifar_data  # noqa: E402
+from resnet_cifar import cli  # noqa: E402
+from resnet_cifar import recipe  # noqa: E402
 from cifar_fixture import write_cifar  # noqa: E402
 
 # Makes `import tensorflow` fail, to show that a JAX or PyTorch run never needs TensorFlow.
@@ -31,7 +31,7 @@ def run_script(script, *args, backend=None, block_tensorflow=False, timeout=900)
 
 def parse(module, argv):
     """A family script's RunConfig for these flags, as the script itself builds it."""
-    return cli.parse(argv, module.add_arguments, getattr(module, "resolve", None), module.run_name)
+    return cli.parse(argv, module.FAMILY)
 
 
 def build(module, argv):

@@ -17,32 +17,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (what the defect is, file, text, replacement, the tests that must fail)
 MUTATIONS = [
-    ("CIFAR-100 read with its 20 coarse labels", "cifar_data.py", '("test",), b"fine_labels"),',
+    ("CIFAR-100 read with its 20 coarse labels", "resnet_cifar/cifar_data.py", '("test",), b"fine_labels"),',
      '("test",), b"coarse_labels"),', ["tests/test_recipe_behaviour.py::test_cifar100_reads_the_fine_labels_of_an_"
                                        "independently_written_file"]),
-    ("the schedule ignored: one rate throughout", "recipe.py", "    if len(lr_schedule) == 1:",
+    ("the schedule ignored: one rate throughout", "resnet_cifar/recipe.py", "    if len(lr_schedule) == 1:",
      "    if True:", ["tests/test_recipe_behaviour.py::test_the_optimizer_uses_each_rate_from_the_first_step_of_"
                      "its_epoch"]),
-    ("every boundary one step late", "recipe.py", "boundaries=[epoch * steps_per_epoch - 1 for",
+    ("every boundary one step late", "resnet_cifar/recipe.py", "boundaries=[epoch * steps_per_epoch - 1 for",
      "boundaries=[epoch * steps_per_epoch for", ["tests/test_recipe_behaviour.py::test_the_optimizer_uses_each_rate_"
                                                  "from_the_first_step_of_its_epoch"]),
-    ("L2 weight decay switched off", "units.py",
+    ("L2 weight decay switched off", "resnet_cifar/units.py",
      "return keras.regularizers.L2(self.weight_decay) if self.weight_decay else None", "return None",
      ["tests/test_recipe_behaviour.py::test_weight_decay_is_in_the_loss_and_the_gradients"]),
-    ("the same training order every epoch (the order's function)", "training.py",
+    ("the same training order every epoch (the order's function)", "resnet_cifar/training.py",
      "np.random.default_rng([seed, epoch, 2**20])", "np.random.default_rng([seed, 0, 2**20])",
      ["tests/test_recipe_behaviour.py::test_the_training_order_is_fresh_every_epoch_and_a_function_of_seed_and_"
       "epoch"]),
-    ("the same training order every epoch (the loop)", "training.py", "process_share(epoch_order(config.seed, epoch,",
+    ("the same training order every epoch (the loop)", "resnet_cifar/training.py", "process_share(epoch_order(config.seed, epoch,",
      "process_share(epoch_order(config.seed, 0,", ["tests/test_recipe_behaviour.py::test_the_loop_feeds_each_epoch_"
                                                    "its_own_order"]),
-    ("unit b built as unit a", "units.py", '"b": Unit("conv3 bn relu conv3", after_add="bn relu"),',
+    ("unit b built as unit a", "resnet_cifar/units.py", '"b": Unit("conv3 bn relu conv3", after_add="bn relu"),',
      '"b": Unit("conv3 bn relu conv3 bn", after_add="relu"),', ["tests/test_recipe_behaviour.py::test_each_unit_is_"
                                                                  "the_papers_figure"]),
-    ("unit c built as unit a", "units.py", '"c": Unit("conv3 bn relu conv3 bn relu"),',
+    ("unit c built as unit a", "resnet_cifar/units.py", '"c": Unit("conv3 bn relu conv3 bn relu"),',
      '"c": Unit("conv3 bn relu conv3 bn", after_add="relu"),', ["tests/test_recipe_behaviour.py::test_each_unit_is_"
                                                                  "the_papers_figure"]),
-    ("the resume state written in place, not atomically", "checkpoints.py", "    atomic_write(path, write)\n",
+    ("the resume state written in place, not atomically", "resnet_cifar/checkpoints.py", "    atomic_write(path, write)\n",
      "    write(path)\n", ["tests/test_recipe_behaviour.py::test_the_script_killed_while_writing_its_state_resumes"]),
     ("SIGUSR2 not a stop signal (SLURM's warning kills the run)", "errors.py",
      "STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)",

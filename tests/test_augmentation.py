@@ -10,9 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-import augmentation
-import checkpoints
-import recipe
+from resnet_cifar import augmentation, checkpoints, recipe
 import train_resnet32
 from conftest import ROOT
 
@@ -118,7 +116,8 @@ def test_saved_model_holds_keras_layers_and_loads_back_as_trained(tmp_path):
 OTHER_BACKEND = """
 import json, sys, numpy as np
 sys.path.insert(0, {root!r})
-import keras, augmentation
+import keras
+from resnet_cifar import augmentation
 keras.utils.set_random_seed(3)
 layer = augmentation.pad_and_crop({padding}, name="random_crop")
 x = np.tile(1 + np.arange(1024, dtype="float32").reshape(1, 32, 32, 1), ({images}, 1, 1, 1))

@@ -7,8 +7,7 @@ import os
 import pytest
 
 import reproduce
-import sweep_jobs
-import sweeps
+from resnet_cifar import statistics, sweep_jobs
 import train_resnet32
 import train_resnet_v2
 import train_resnext
@@ -67,7 +66,7 @@ def test_lr_scale_multiplies_every_rate():
     ("torch", True, False, "float32"),
 ])
 def test_precision_auto(monkeypatch, backend, bfloat16, gpu, chosen):
-    import devices
+    from resnet_cifar import devices
     monkeypatch.setattr(devices, "cpu_has_bfloat16", lambda: bfloat16)
     monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: gpu)
     assert devices.resolve_precision("auto", backend) == chosen
@@ -88,6 +87,6 @@ def test_compare_groups_runs_that_differ_only_in_their_seed():
     runs = [run("a0", seed=0, run_name="a0"), run("b0", seed=0, lr_schedule="0:0.2", run_name="b0"),
             run("a1", seed=1, run_name="a1", command="x", keras="3.15"), {"name": "alone", "config": None,
                                                                          "history": []}]
-    groups = sweeps.group_by_seed(runs)
+    groups = statistics.group_by_seed(runs)
     assert [(first, [r["name"] for r in members]) for first, members in groups] == [
         ("a0", ["a0", "a1"]), ("b0", ["b0"]), ("alone", ["alone"])]

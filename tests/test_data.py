@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-import cifar_data
+from resnet_cifar import cifar_data
 from cifar_fixture import batch_dict
 
 

@@ -9,10 +9,9 @@ import keras
 import numpy as np
 import pytest
 
-import recipe
+from resnet_cifar import recipe
 import train_resnet32
-import units
-import workarounds
+from resnet_cifar import speedups, units
 from conftest import build
 
 TENSORFLOW_ONLY = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow backend only")
@@ -39,7 +38,7 @@ def forward_and_backward(layer, x, weights):
 @pytest.mark.parametrize("precision, rtol", [("float32", 1e-5), ("mixed_bfloat16", 1e-2)])
 def test_fused_batch_normalization_computes_what_keras_does(policy, precision, rtol):
     import tensorflow as tf
-    fused = workarounds.batch_normalization_class()
+    fused = speedups.batch_normalization_class()
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("the fused class is used on TensorFlow's CPU only")
     assert fused is not keras.layers.BatchNormalization and issubclass(fused, keras.layers.BatchNormalization)
@@ -95,7 +94,7 @@ def test_tf_data_batches_are_the_arrays_in_order():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (100, 32, 32, 3)).astype("uint8")
     y = rng.integers(0, 10, 100).astype("int32")
-    data = workarounds.batches(x, y, 32)
+    data = speedups.batches(x, y, 32)
     assert data.y is None and data.batch_size is None
     assert not data.x.options().autotune.enabled
     got = list(data.x.as_numpy_iterator())
@@ -107,7 +106,7 @@ def test_tf_data_batches_are_the_arrays_in_order():
 @TENSORFLOW_ONLY
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_fused_momentum_update_trains_to_the_same_weights(nesterov):
-    """workarounds.fused_momentum_update: TensorFlow's fused kernel gives Keras's SGD's weights bit for bit,
+    """speedups.fused_momentum_update: TensorFlow's fused kernel gives Keras's SGD's weights bit for bit,
     with one update op per variable in the traced step instead of Keras's several."""
     import tensorflow as tf
     rng = np.random.default_rng(0)
@@ -119,7 +118,7 @@ def test_fused_momentum_update_trains_to_the_same_weights(nesterov):
         schedule = keras.optimizers.schedules.PiecewiseConstantDecay([2], [0.1, 0.01])
         optimizer = keras.optimizers.SGD(schedule, momentum=recipe.MOMENTUM, nesterov=nesterov)
         if fused:
-            workarounds.fused_momentum_update(optimizer)
+            speedups.fused_momentum_update(optimizer)
         model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
         results.append([w.numpy() for w in model.weights + optimizer.momentums])
@@ -136,9 +135,9 @@ def test_fused_momentum_update_trains_to_the_same_weights(nesterov):
 
 START_AND_LIST = """
 import importlib.util, sys
-import devices, workarounds
+from resnet_cifar import devices, speedups
 backend = devices.configure_backend()
-installed = [n for n in workarounds.UNUSED_AT_IMPORT if n != backend and importlib.util.find_spec(n)]
+installed = [n for n in speedups.UNUSED_AT_IMPORT if n != backend and importlib.util.find_spec(n)]
 print(backend, installed, [n for n in installed if n in sys.modules])
 import matplotlib.pyplot
 print("importable after:", "matplotlib.pyplot" in sys.modules)
@@ -146,7 +145,7 @@ print("importable after:", "matplotlib.pyplot" in sys.modules)
 
 
 def test_framework_start_leaves_out_unused_packages():
-    """workarounds.without_unused_imports: starting the framework imports none of the optional packages Keras
+    """speedups.without_unused_imports: starting the framework imports none of the optional packages Keras
     would pull in (matplotlib, IPython, JAX unless it is the backend), and they import normally afterwards."""
     result = subprocess.run([sys.executable, "-c", START_AND_LIST], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "KERAS_BACKEND": keras.backend.backend()},
@@ -160,9 +159,9 @@ def test_framework_start_leaves_out_unused_packages():
 
 @TENSORFLOW_ONLY
 def test_each_step_is_traced_once():
-    """workarounds.build_before_first_step: the training and the evaluation step each traced once (Keras alone
+    """speedups.build_before_first_step: the training and the evaluation step each traced once (Keras alone
     traces the first step twice on TensorFlow, the compiled metrics' variables being created in its first trace)."""
-    import training
+    from resnet_cifar import training
     model = build(train_resnet32, ["--stack-n", "1"])
     recipe.compile_model(model, recipe.parse_lr_schedule("0:0.1"), 2, 2)
     traces = {"train": 0, "test": 0}
@@ -176,7 +175,7 @@ def test_each_step_is_traced_once():
     model.test_step = counting("test", model.test_step)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (64, 32, 32, 3)).astype("uint8"), rng.integers(0, 10, 64).astype("int32")
-    data = workarounds.batches(x, y, 16)
+    data = speedups.batches(x, y, 16)
     training.run_epoch(model, data, data, 0, 1)
     training.run_epoch(model, data, data, 1, 2)
     assert traces == {"train": 1, "test": 1}
@@ -186,7 +185,8 @@ RELEASE_ON_TORCH = """
 import json, sys, weakref
 import numpy as np
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-import keras, torch, train_resnext, workarounds
+import keras, torch, train_resnext
+from resnet_cifar import speedups
 from conftest import build
 from keras.src.models.functional import operation_fn
 model = build(train_resnext, ["--cardinality", "2", "--width", "4"])
@@ -210,7 +210,7 @@ def peak_alive():
 
 
 before, expected = peak_alive()
-workarounds.release_activations(model)
+speedups.release_activations(model)
 after, got = peak_alive()
 with torch.no_grad():
     called = model(x, training=False).numpy()
@@ -220,7 +220,7 @@ print(json.dumps({{"layers": len(model.layers), "before": before, "after": after
 
 
 def test_torch_forward_keeps_only_live_layer_outputs():
-    """workarounds.release_activations: on PyTorch a layer's output is dropped after its last reader (Keras
+    """speedups.release_activations: on PyTorch a layer's output is dropped after its last reader (Keras
     alone keeps every one until the forward pass ends), with the same predictions."""
     code = RELEASE_ON_TORCH.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                    tests=os.path.dirname(os.path.abspath(__file__)))
@@ -238,5 +238,5 @@ def test_live_bytes_count_the_widest_moment_not_every_layer(script, argv):
     model = build(script, argv)
     every_layer = sum(4 * int(np.prod(layer.output.shape[1:])) for layer in model.layers)
     unit_output = 4 * 32 * 32 * 16
-    live = workarounds.live_bytes_per_image(model)
+    live = speedups.live_bytes_per_image(model)
     assert 2 * unit_output <= live <= 6 * unit_output < every_layer / 4

@@ -7,7 +7,10 @@ import sys
 
 from conftest import ROOT
 
-MODULES = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(ROOT, "*.py")))
+ROOT_FILES = sorted(os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "*.py")))
+PACKAGE = sorted(glob.glob(os.path.join(ROOT, "resnet_cifar", "*.py")))
+MODULES = [name[:-3] for name in ROOT_FILES] + [
+    "resnet_cifar." + os.path.basename(path)[:-3] for path in PACKAGE if not path.endswith("__init__.py")]
 FRAMEWORKS = ["keras", "tensorflow", "jax", "torch"]
 
 BLOCKED_IMPORT = f"""
@@ -33,7 +36,7 @@ def test_no_code_changes_args_after_parsing():
     import re
     assignment = re.compile(r"\bargs\.\w+\s*(=(?!=)|\+=|-=)|setattr\(\s*args\b")
     offenders = []
-    for path in sorted(glob.glob(f"{ROOT}/*.py")):
+    for path in sorted(glob.glob(f"{ROOT}/*.py") + PACKAGE):
         with open(path) as f:
             for number, line in enumerate(f, 1):
                 if assignment.search(line):
@@ -52,3 +55,37 @@ def test_run_config_is_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.epochs = 3
     assert config.stack_n == 3 and config.saved()["stack_n"] == 3
+
+
+def test_the_root_holds_what_a_person_runs():
+    """At most 10 .py files at the root: the family scripts (exactly the registry's), common.py and the tools."""
+    from resnet_cifar import families
+    assert len(ROOT_FILES) <= 10, ROOT_FILES
+    assert sorted(name for name in ROOT_FILES if name.startswith("train_")) == sorted(families.SCRIPTS)
+    assert set(ROOT_FILES) - set(families.SCRIPTS) == {"common.py", "reproduce.py", "compare.py", "bench.py"}
+
+
+def test_no_module_imports_a_family_script():
+    """Scripts never import scripts, and neither does the library or a tool (tools read a family through
+    families.load)."""
+    import ast
+    offenders = []
+    for path in [os.path.join(ROOT, name) for name in ROOT_FILES] + PACKAGE:
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__"):
+                names = [getattr(arg, "value", "") for arg in node.args[:1]]
+            offenders += [f"{os.path.relpath(path, ROOT)}: {name}" for name in names
+                          if isinstance(name, str) and name.split(".")[-1].startswith("train_")]
+    assert not offenders, offenders
+
+
+def test_every_family_script_defines_its_family():
+    from resnet_cifar import families
+    for script in families.SCRIPTS:
+        family = families.load(script)
+        assert isinstance(family, families.Family) and family.description.startswith(("Train", "Compare")), script

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import outputs
+from resnet_cifar import outputs
 import train_resnet32
 import train_resnet_bottleneck
 import train_resnet_v2
@@ -149,7 +149,7 @@ def deep_recursion():
     """What devices.configure_backend sets (workarounds.RECURSION_LIMIT) for every script: Keras walks a 3,000-layer graph recursively."""
     import sys
 
-    import workarounds
+    from resnet_cifar import workarounds
     before = sys.getrecursionlimit()
     sys.setrecursionlimit(max(before, workarounds.RECURSION_LIMIT))
     yield
@@ -161,7 +161,7 @@ def test_paper_resnet1001_builds_counts_saves_and_reloads(tmp_path, deep_recursi
     """Over 3,000 layers: built, counted, saved (.h5 and .keras) and reloaded once each, in one test."""
     import keras
 
-    import checkpoints
+    from resnet_cifar import checkpoints
     model = build(train_resnet_v2, ["--layout", "paper", "--depth", "1001"])
     assert len(model.layers) > 3000
     assert (model.count_params(), trainable_count(model)) == (10_551_978, 10_402_762)

@@ -176,7 +176,7 @@ def test_bad_tf_config(tf_config, words, tmp_path):
 WATCHDOG = """
 import sys, time
 sys.path.insert(0, {root!r})
-from distributed import Watchdog
+from resnet_cifar.distributed import Watchdog
 with Watchdog(1, "the other devices (a test)"):
     time.sleep(30)  # a step that never finishes
 """

@@ -12,8 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-import cifar_data
-import recipe
+from resnet_cifar import cifar_data, recipe
 import train_resnet32
 import train_resnet_variants
 from conftest import NO_TENSORFLOW, ROOT, build, parse, run_script
@@ -114,7 +113,7 @@ def test_weight_decay_is_in_the_loss_and_the_gradients(decay):
 
 
 def test_the_training_order_is_fresh_every_epoch_and_a_function_of_seed_and_epoch():
-    from training import epoch_order
+    from resnet_cifar.training import epoch_order
     orders = {(s, e): epoch_order(s, e, 320, 320) for s in (0, 1) for e in (0, 1)}
     for order in orders.values():
         assert sorted(order) == list(range(320))
@@ -127,7 +126,7 @@ def test_the_loop_feeds_each_epoch_its_own_order(cifar_dir, tmp_path, monkeypatc
     import signal as signals
 
     import common
-    import training
+    from resnet_cifar import training
     fed = []
     original = training.batches
 

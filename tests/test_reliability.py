@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pytest
 
-import checkpoints
-import outputs
+from resnet_cifar import checkpoints, outputs
 from conftest import ROOT, compile_for, final_fields, history_rows, parse, run_script, start_script, wait_until
 
 RUN = "resnet8_e_cifar10"
@@ -72,7 +71,7 @@ def test_sigkill_mid_epoch_then_resume(cifar_dir, tmp_path, backend):
 KILL_MID_WRITE = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import outputs
+from resnet_cifar import outputs
 def write(tmp):
     with open(tmp, "wb") as f:
         f.write(b"half a checkpoint")
@@ -84,7 +83,8 @@ outputs.atomic_write({path!r}, write)
 
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     import train_resnet32
-    model = train_resnet32.resnet(1)
+    from resnet_cifar.cifar_resnet import resnet
+    model = resnet(1)
     args = parse(train_resnet32, [])
     compile_for(model, args, 2)
     model.optimizer.build(model.trainable_variables)
@@ -101,9 +101,11 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert glob.glob(str(tmp_path / ".tmp-*"))  # the half-written file exists, under another name
     assert os.path.getsize(path) == before
 
-    fresh = train_resnet32.resnet(1)
+    fresh = resnet(1)
     compile_for(fresh, args, 2)
-    assert checkpoints.restore_state(fresh, path, config) == rows
+    saved = checkpoints.SavedState.read(path)
+    saved.check(config)
+    assert saved.restore(fresh) == rows
     for a, b in zip(model.weights, fresh.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     outputs.remove_stale_temporaries(str(tmp_path), {f"{RUN}0.state.weights.h5"})  # another run's: kept
@@ -142,7 +144,8 @@ BOUND_SCRIPT = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import keras, numpy as np
-import train_resnet32, training
+import train_resnet32
+from resnet_cifar import training
 from conftest import compile_for, parse
 args = parse(train_resnet32, ["--stack-n", "1", "--lr-schedule", "0:1e30", "--steps-per-execution", "1"])
 model = train_resnet32.resnet(1)

@@ -135,7 +135,7 @@ def test_kill_9_mid_sweep_then_rerun_runs_each_once(cifar_dir, tmp_path):
 DRIVER = """
 import json, os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
-import sweep_jobs
+from resnet_cifar import sweep_jobs
 command, files = json.loads(sys.argv[2]), json.loads(sys.argv[3])
 job = sweep_jobs.TrainingJob(command, files, 3)
 
@@ -156,7 +156,7 @@ def test_the_time_limit_warning_requeues_within_seconds_and_the_requeued_job_res
     stalled wait; the requeued job, the same command, continues the run with --resume, each epoch once."""
     import json
 
-    import sweep_jobs
+    from resnet_cifar import sweep_jobs
     out = tmp_path / "out"
     command = [sys.executable, os.path.join(ROOT, "train_resnet32.py"), "--data-dir", str(cifar_dir), "--stack-n", "1",
                "--batch-size", "8", "--steps-per-execution", "1", "--epochs", "3", "--run-name", "r",
@@ -273,7 +273,7 @@ def test_tensorboard_hparams_of_the_sweep(swept):
 def test_val_split_holds_out_the_last_training_images(cifar_dir):
     import argparse
 
-    import cifar_data
+    from resnet_cifar import cifar_data
     config = argparse.Namespace(dataset="cifar10", data_dir=str(cifar_dir), train_limit=None, val_split=64)
     (x, y), (xt, yt), (xv, yv) = cifar_data.load_data(config)
     (x_all, _), _, _ = cifar_data.load_data(argparse.Namespace(dataset="cifar10", data_dir=str(cifar_dir),

@@ -237,7 +237,7 @@ def test_the_model_file_check_reads_a_bounded_amount(finished, tmp_path):
     """A .keras whose config.json inflates past the limit is refused from its header, without reading it."""
     import zipfile
 
-    import checkpoints
+    from resnet_cifar import checkpoints
     path = tmp_path / "bomb.keras"
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("config.json", b"[" * (checkpoints.MAX_MODEL_CONFIG + 10))
@@ -307,7 +307,7 @@ def test_a_stray_connection_to_the_coordinator_is_ignored():
     """Process 0's rendezvous reads an index from each connection: anything else is dropped, not a crash."""
     import socket
 
-    import distributed
+    from resnet_cifar import distributed
     port = free_ports(1)[0]
     errors = []
 
@@ -355,7 +355,7 @@ def test_a_full_checkpoint_dir_is_refused_before_training(cifar_dir, small_disk)
 def test_a_disk_that_fills_during_the_run_ends_it_in_one_line(cifar_dir, small_disk):
     """The disk fills after epoch 1: exit 1, one line naming the folder and the free space, and the state
     saved after epoch 1 still loads."""
-    import checkpoints
+    from resnet_cifar import checkpoints
     mount_tmpfs(small_disk, 40)
     process = start_script("train_resnet32.py", *tiny(cifar_dir, small_disk, epochs=6))
     state = small_disk / "checkpoints" / f"{RUN}.state.weights.h5"
@@ -366,8 +366,8 @@ def test_a_disk_that_fills_during_the_run_ends_it_in_one_line(cifar_dir, small_d
     _, stderr = process.communicate(timeout=600)
     line = refused(types.SimpleNamespace(returncode=process.returncode, stderr=stderr), 1, "no space left", str(small_disk), "MB free", "--resume")
     assert "training failed" in line
-    saved = checkpoints.read_state_record(str(state))
-    assert len(saved["history"]) >= 1
+    saved = checkpoints.SavedState.read(str(state))
+    assert len(saved.history) >= 1
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-import checkpoints
+from resnet_cifar import checkpoints
 import train_resnet32
 from conftest import assert_refused, run_script
 

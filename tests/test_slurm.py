@@ -235,8 +235,8 @@ def submitter(cifar_dir, tmp_path, **request):
 def test_a_job_that_can_never_start_is_cancelled_with_its_reason(slurm, cifar_dir, tmp_path):
     """What the check before submission prevents, submitted anyway: 8 CPUs on a 2-CPU node stay PENDING with
     reason PartitionConfig forever; the sweep cancels the job and says why in one line."""
-    import sweep_jobs
-    from errors import UsageError
+    from resnet_cifar import sweep_jobs
+    from resnet_cifar.errors import UsageError
     run, jobs = submitter(cifar_dir, tmp_path, partition="debug", cpus_per_run=8)
     with pytest.raises(UsageError, match="can never start: SLURM's pending reason is PartitionConfig") as refused:
         sweep_jobs.follow(jobs, [run], 1, 0, 1)
@@ -253,7 +253,7 @@ def test_a_job_that_can_never_start_is_cancelled_with_its_reason(slurm, cifar_di
 
 def test_an_sbatch_refusal_is_one_line(slurm, cifar_dir, tmp_path, capsys):
     """sbatch's own refusal (here a partition the check before submission would have caught) as one line."""
-    from errors import UsageError
+    from resnet_cifar.errors import UsageError
     run, jobs = submitter(cifar_dir, tmp_path, partition="nosuch", cpus_per_run=1)
     with pytest.raises(UsageError) as refused:
         jobs.submit(run, 0, 0)
@@ -265,7 +265,7 @@ def test_an_sbatch_refusal_is_one_line(slurm, cifar_dir, tmp_path, capsys):
 
 def test_a_job_unknown_to_squeue_and_sacct_is_reported_vanished(slurm, tmp_path, monkeypatch):
     """A job gone without a trace (no accounting, or forgotten): UNKNOWN at first, VANISHED after VANISHED_S."""
-    import sweep_jobs
+    from resnet_cifar import sweep_jobs
     monkeypatch.setattr(sweep_jobs, "VANISHED_S", 1)
     os.makedirs(tmp_path / "out")
     jobs = sweep_jobs.SlurmJobs(None, str(tmp_path / "out" / "submitit"), str(tmp_path / "out"))

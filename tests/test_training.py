@@ -7,9 +7,7 @@ import os
 import numpy as np
 import pytest
 
-import checkpoints
-import cifar_data
-import units
+from resnet_cifar import checkpoints, cifar_data, units
 import train_resnet32
 import train_resnet_v2
 import train_resnet_variants
@@ -65,7 +63,7 @@ def test_quiet_start(trained):
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_steps_per_execution_gives_the_same_history(cifar_dir, tmp_path, backend):
     """Four steps per compiled call (10 steps an epoch: 4 + 4 + 2) train like one: on TensorFlow Keras's
-    multi-step loop, on JAX our fused one (workarounds.fuse_steps: four steps as one XLA program)."""
+    multi-step loop, on JAX our fused one (speedups.fuse_steps: four steps as one XLA program)."""
     histories = {}
     for spe in (1, 4):
         out = tmp_path / f"spe{spe}"

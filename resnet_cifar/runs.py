@@ -11,7 +11,7 @@ import json
 import os
 import re
 
-from errors import UsageError
+from .errors import UsageError
 
 MAX_RUN_NAME = 120  # "<name>.state.weights.h5" and its ".tmp-XXXXXXXX-" temporary stay far below 255 bytes
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")  # one path component, no hidden file, no "..", no "/"
@@ -53,6 +53,40 @@ def default_run_name(model, dataset, settings, defaults):
     if settings.get("val_split") is not None:
         parts.append(f"v{settings['val_split']}")
     return "_".join(parts)
+
+
+EPOCHS_SENTINEL = 987654321  # stands for "any --epochs" in a default name: no real run trains that long
+
+
+def any_epochs_pattern(model, dataset, settings, defaults):
+    """A regular expression matching the default run name of these settings at any --epochs (the part
+    _e<epochs>, or its absence at the family's default epochs)."""
+    name = default_run_name(model, dataset, {**settings, "epochs": EPOCHS_SENTINEL}, defaults)
+    return re.escape(name).replace(re.escape(f"_e{EPOCHS_SENTINEL}"), r"(_e[0-9]+)?")
+
+
+def find_run_to_resume(config):
+    """`config`, or with --resume and a default run name that has no saved state, `config` renamed to the one run
+    of the same settings saved with another --epochs (so `--epochs 3 --resume` continues a finished 2-epoch run,
+    in that run's files). UsageError if several such runs exist."""
+    import dataclasses
+    state = ".state.weights.h5"
+    if (not config.resume or config.any_epochs_name is None
+            or os.path.exists(os.path.join(config.checkpoint_dir, config.run_name + state))):
+        return config
+    pattern = re.compile(config.any_epochs_name)
+    try:
+        names = os.listdir(config.checkpoint_dir)
+    except OSError:
+        return config
+    found = sorted(n[:-len(state)] for n in names if n.endswith(state) and pattern.fullmatch(n[:-len(state)]))
+    if not found:
+        return config
+    if len(found) > 1:
+        raise UsageError(f"--resume: {', '.join(found)} were all saved with these settings and other --epochs; "
+                         "give the one to continue with --run-name")
+    print(f"resuming run {found[0]} (saved with other --epochs) to {config.epochs} epochs, in its own files")
+    return dataclasses.replace(config, run_name=found[0])
 
 
 class RunLock:

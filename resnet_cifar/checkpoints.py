@@ -17,11 +17,12 @@ import json
 import os
 import zipfile
 
-from augmentation import standard_layer, training_layer
-from errors import UsageError
-from outputs import atomic_write
-from units import batch_normalization_as, with_layers
-from workarounds import batch_normalization_class, without_tensorflow
+from .augmentation import standard_layer, training_layer
+from .errors import UsageError
+from .outputs import atomic_write
+from .units import batch_normalization_as, with_layers
+from .workarounds import without_tensorflow
+from .speedups import batch_normalization_class
 
 
 # What must match for --resume to continue a run's saved state (--epochs may change: a run can be extended).
@@ -31,7 +32,7 @@ RESUME_KEYS = ("model", "params", "dataset", "train_images", "batch_size", "seed
 
 def portable(model):
     """`model` with Keras's own layer classes only: Keras's BatchNormalization for the fused one
-    (workarounds.batch_normalization_class), the equivalent RandomTranslation for the pad-and-crop layer."""
+    (speedups.batch_normalization_class), the equivalent RandomTranslation for the pad-and-crop layer."""
     import keras
     keras_class = batch_normalization_as(keras.layers.BatchNormalization)
     return with_layers(model, lambda layer: keras_class(layer) or standard_layer(layer))
@@ -65,54 +66,58 @@ def save_state(model, path, history, config):
     atomic_write(path, write)
 
 
-def read_state_record(path):
-    """The JSON record saved with the resume state at `path` (the history and RESUME_KEYS), read with h5py
-    alone (no framework); UsageError naming the file if it is unreadable, truncated or incomplete."""
-    import h5py
-    try:
-        with h5py.File(path, "r") as f:
-            text = f.attrs["resume"]
-        saved = json.loads(text.decode() if isinstance(text, bytes) else text)
-        missing = [k for k in ("history", *RESUME_KEYS) if k not in saved]
-        if missing:
-            raise ValueError(f"its record lacks {', '.join(missing)} (saved by another version?)")
-        if not isinstance(saved["history"], list) or not all(isinstance(row, dict) for row in saved["history"]):
-            raise ValueError("its history is not a list of epochs")
-    except Exception as error:  # zero bytes, truncated, not HDF5, no record, not JSON
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"cannot resume from {path}: {reason} (rerun without --resume and with --overwrite to "
-                         "start over)") from None
-    return saved
+class SavedState:
+    """The one home of --resume: the state a run saved after its last completed epoch, read once (`read`, with
+    h5py alone, before any framework starts), checked once against this command's settings (`check`), and
+    loaded into the model (`restore`)."""
 
+    def __init__(self, path, record):
+        self.path, self.record = path, record
+        self.history = record["history"]
 
-def check_resume(saved, record, path):
-    """UsageError naming every setting of `record` (this command's) that differs from the saved state's."""
-    changed = [k for k in RESUME_KEYS if saved[k] != record[k]]
-    if changed:
-        raise UsageError(f"cannot resume from {path}: it was saved with a different "
-                         + ", ".join(f"{k} ({saved[k]} vs {record[k]} now)" for k in changed)
-                         + "; rerun with the same settings, or choose another --run-name")
+    @classmethod
+    def read(cls, path):
+        """The state at `path` (its history and RESUME_KEYS); UsageError naming the file if it is unreadable,
+        truncated or incomplete."""
+        import h5py
+        try:
+            with h5py.File(path, "r") as f:
+                text = f.attrs["resume"]
+            saved = json.loads(text.decode() if isinstance(text, bytes) else text)
+            missing = [k for k in ("history", *RESUME_KEYS) if k not in saved]
+            if missing:
+                raise ValueError(f"its record lacks {', '.join(missing)} (saved by another version?)")
+            if not isinstance(saved["history"], list) or not all(isinstance(row, dict) for row in saved["history"]):
+                raise ValueError("its history is not a list of epochs")
+        except Exception as error:  # zero bytes, truncated, not HDF5, no record, not JSON
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UsageError(f"cannot resume from {path}: {reason} (rerun without --resume and with --overwrite to "
+                             "start over)") from None
+        return cls(path, saved)
 
+    def check(self, record):
+        """UsageError naming every setting of `record` (this command's) that differs from the saved state's."""
+        changed = [k for k in RESUME_KEYS if self.record[k] != record[k]]
+        if changed:
+            raise UsageError(f"cannot resume from {self.path}: it was saved with a different "
+                             + ", ".join(f"{k} ({self.record[k]} vs {record[k]} now)" for k in changed)
+                             + "; rerun with the same settings, or choose another --run-name")
 
-def restore_state(model, path, config, saved=None):
-    """The history saved with the state at `path` (weights and optimizer state loaded into `model`). `saved`:
-    its record as the caller already read and checked it against `config` (else read and checked here)."""
-    import warnings
-    if saved is None:
-        saved = read_state_record(path)
-        check_resume(saved, config, path)
-    try:
-        model.optimizer.build(model.trainable_variables)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model.load_weights(path)  # Keras only warns when it skips a mismatched part: refuse instead
-        skipped = [str(w.message) for w in caught if "Skipping variable loading" in str(w.message)]
-        if skipped:
-            raise ValueError(skipped[0].strip())
-    except Exception as error:
-        raise UsageError(f"cannot resume from {path}: {str(error).splitlines()[0]} "
-                         "(rerun without --resume and with --overwrite to start over)") from None
-    return saved["history"]
+    def restore(self, model):
+        """Loads the saved weights and optimizer state into `model` (compiled); returns the saved history."""
+        import warnings
+        try:
+            model.optimizer.build(model.trainable_variables)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model.load_weights(self.path)  # Keras only warns when it skips a mismatched part: refuse instead
+            skipped = [str(w.message) for w in caught if "Skipping variable loading" in str(w.message)]
+            if skipped:
+                raise ValueError(skipped[0].strip())
+        except Exception as error:
+            raise UsageError(f"cannot resume from {self.path}: {str(error).splitlines()[0]} "
+                             "(rerun without --resume and with --overwrite to start over)") from None
+        return [dict(row) for row in self.history]
 
 
 # Every class a network of this project saves (layers, the functional model, initializers, regularizers,

@@ -1,5 +1,7 @@
 """The ways a run ends early, shared by every module: how `common.main` reports each is fixed there."""
+import contextlib
 import signal
+import sys
 
 # What a scheduler sends before it stops a job: SIGTERM (SLURM's pre-emption, requeue and time limit;
 # Kubernetes), SIGUSR1 and SIGUSR2 (SLURM's --signal warnings; submitit asks for USR2, and SLURM delivers it to
@@ -24,3 +26,14 @@ class Preempted(BaseException):
     def __init__(self, signum):
         super().__init__(signum)
         self.signum = signum
+
+
+@contextlib.contextmanager
+def one_line_usage_errors(prog):
+    """Every entry point's rule for bad input: within, a UsageError ends the program with one line on stderr,
+    `<prog>: error: <what is wrong and the fix>`, and exit code 2, never a traceback."""
+    try:
+        yield
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)

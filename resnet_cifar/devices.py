@@ -11,8 +11,9 @@ import re
 import sys
 import tempfile
 
-from errors import UsageError
-from workarounds import RECURSION_LIMIT, steps_per_execution_limit, without_unused_imports
+from .errors import UsageError
+from .workarounds import RECURSION_LIMIT, steps_per_execution_limit
+from .speedups import without_unused_imports
 
 BACKENDS = ("tensorflow", "jax", "torch")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # "auto" or a Keras dtype policy
@@ -138,8 +139,8 @@ def quiet_start(start):
                     print(line, file=sys.stderr)
 
 
-def _start_framework(cpu_devices):
-    with without_unused_imports(backend_name()):
+def _start_framework(cpu_devices, plain):
+    with without_unused_imports(backend_name(), plain):
         import keras
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -150,7 +151,7 @@ def _start_framework(cpu_devices):
     return keras
 
 
-def configure_backend(precision="float32", cpu_devices=None, collective_timeout=900):
+def configure_backend(precision="float32", cpu_devices=None, collective_timeout=900, plain=False):
     """Session set-up, run from main and bench only: the framework started quietly (quiet_start), the dtype
     policy (a resolved precision, not "auto") and, for --cpu-devices, the host CPU split into several devices."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -163,7 +164,7 @@ def configure_backend(precision="float32", cpu_devices=None, collective_timeout=
                                    + f" --xla_force_host_platform_device_count={cpu_devices}"
                                    + f" --xla_cpu_collective_call_terminate_timeout_seconds={collective_timeout:.0f}"
                                    ).strip()
-    keras = quiet_start(lambda: _start_framework(cpu_devices))
+    keras = quiet_start(lambda: _start_framework(cpu_devices, plain))
     keras.mixed_precision.set_global_policy(resolve_precision(precision, keras.backend.backend()))
     sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     return keras.backend.backend()

@@ -63,13 +63,14 @@ def lr_at_epoch(schedule, epoch):
     return [lr for start, lr in schedule if start <= epoch][-1]
 
 
-def compile_model(model, lr_schedule, steps_per_epoch, steps_per_execution, jit_compile="auto"):
+def compile_model(model, lr_schedule, steps_per_epoch, steps_per_execution, jit_compile="auto", plain=False):
     """The recipe's optimizer (SGD, Nesterov momentum, the step schedule), loss and metric, compiled with
-    XLA where it runs the step (workarounds.resolve_jit_compile) and `steps_per_execution` steps per call."""
+    XLA where it runs the step (speedups.resolve_jit_compile) and `steps_per_execution` steps per call; with
+    plain=True (--plain-keras) without the speed patches of speedups.py."""
     import keras
 
-    from workarounds import (build_before_first_step, fuse_steps, fused_momentum_update, release_activations,
-                             resolve_jit_compile)
+    from .speedups import (build_before_first_step, fuse_steps, fused_momentum_update, release_activations,
+                           resolve_jit_compile)
     if len(lr_schedule) == 1:
         learning_rate = lr_schedule[0][1]
     else:
@@ -79,13 +80,15 @@ def compile_model(model, lr_schedule, steps_per_epoch, steps_per_execution, jit_
             boundaries=[epoch * steps_per_epoch - 1 for epoch, _ in lr_schedule[1:]],
             values=[lr for _, lr in lr_schedule])
     optimizer = keras.optimizers.SGD(learning_rate, momentum=MOMENTUM, nesterov=NESTEROV)
-    fused_momentum_update(optimizer)
+    if not plain:
+        fused_momentum_update(optimizer)
     model.compile(optimizer=optimizer,
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   jit_compile=resolve_jit_compile(model, jit_compile), steps_per_execution=steps_per_execution)
-    fuse_steps(model)
-    release_activations(model)
-    build_before_first_step(model)
+    if not plain:
+        fuse_steps(model)
+        release_activations(model)
+        build_before_first_step(model)
 
 
 def image_input():
@@ -95,7 +98,7 @@ def image_input():
     image padded with PADDING zeros per side (0 is the mean pixel after standardization), both per image."""
     import keras
 
-    from augmentation import pad_and_crop
+    from .augmentation import pad_and_crop
     inputs = keras.Input(shape=(32, 32, 3), name="image")
     x = keras.layers.Rescaling(scale=[1 / s for s in PIXEL_STD],
                                offset=[-m / s for m, s in zip(PIXEL_MEAN, PIXEL_STD)], name="standardize")(inputs)

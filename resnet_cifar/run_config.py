@@ -10,12 +10,10 @@ import dataclasses
 import types
 from dataclasses import dataclass, field
 
-import devices
-import recipe
-import runs
+from . import devices, recipe, runs
 
 # Flags that choose what the command does rather than how a run trains: never saved.
-MODES = ("summary", "evaluate", "resume", "overwrite")
+MODES = ("summary", "evaluate", "resume", "overwrite", "any_epochs_name")
 
 
 @dataclass(frozen=True)
@@ -35,6 +33,7 @@ class RunConfig:
     backend: str
     precision: str
     steps_per_execution: int
+    plain_keras: bool
     # scale out
     distribute: bool
     lr_scale: float
@@ -53,6 +52,7 @@ class RunConfig:
     evaluate: object = None
     resume: bool = False
     overwrite: bool = False
+    any_epochs_name: object = None  # the default run name as a pattern over --epochs (runs.find_run_to_resume)
     # the family script's own flags (depth, unit, ...), resolved; read as attributes: config.stack_n
     family: types.MappingProxyType = field(default_factory=lambda: types.MappingProxyType({}))
 
@@ -91,9 +91,9 @@ def resolve(args, family_resolve=None, run_name=None):
     common = {key: values.pop(key) for key in list(values) if key in COMMON}
     config = RunConfig(backend=backend, family=types.MappingProxyType(values), **common)
     if config.run_name is None and run_name is not None:
-        name = runs.default_run_name(run_name(config), config.dataset, values_of(config),
-                                     family_defaults(args, family_resolve))
-        config = dataclasses.replace(config, run_name=name)
+        name_parts = (run_name(config), config.dataset, values_of(config), family_defaults(args, family_resolve))
+        config = dataclasses.replace(config, run_name=runs.default_run_name(*name_parts),
+                                     any_epochs_name=runs.any_epochs_pattern(*name_parts))
     return config
 
 

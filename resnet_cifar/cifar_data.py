@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from errors import UsageError
+from .errors import UsageError
 
 IMAGE_SHAPE = (32, 32, 3)
 

@@ -9,8 +9,9 @@ applications/resnet.py `stack_fn`, kuangliu's `ResNet(Bottleneck, [3, 4, 6, 3])`
 import warnings
 from dataclasses import dataclass
 
-from recipe import BN_EPSILON, BN_MOMENTUM, WEIGHT_DECAY
-from workarounds import batch_normalization_class, without_tensorflow
+from .recipe import BN_EPSILON, BN_MOMENTUM, WEIGHT_DECAY
+from .workarounds import without_tensorflow
+from .speedups import batch_normalization_class
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 
-from errors import UsageError
+from .errors import UsageError
 
 QUERY_TIMEOUT_S = 60  # a loaded slurmctld answers within seconds; past this the sweep reports it and moves on
 

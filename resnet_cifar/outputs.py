@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 
-from errors import TrainingError, UsageError
+from .errors import TrainingError, UsageError
 
 
 # A run's files: the checkpoint folder's (the model twice, history, configuration, resume state) and the
@@ -130,7 +130,7 @@ class ScalarLog:
     <run>/train and <run>/test with the same tags, so TensorBoard draws them on one chart."""
 
     def __init__(self, run_dir, hparams=None):
-        from workarounds import tensorboard_without_tensorflow
+        from .workarounds import tensorboard_without_tensorflow
         tensorboard_without_tensorflow()
         self.run_dir, self.writers = run_dir, {}
         if hparams:

@@ -8,13 +8,11 @@ import argparse
 import difflib
 import math
 
-import recipe
-import run_config
-import runs
-from cifar_data import DATASETS
-from devices import PRECISIONS
-from distributed import WAIT_TIMEOUT_S
-from errors import UsageError
+from . import recipe, run_config, runs
+from .cifar_data import DATASETS
+from .devices import PRECISIONS
+from .distributed import WAIT_TIMEOUT_S
+from .errors import UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -169,6 +167,10 @@ def make_parser(description, add_arguments):
                        help="training steps per compiled call (Keras compile(steps_per_execution=)): the host "
                             "runs callbacks and reads the logs once per N steps; auto: the measured best for the "
                             "backend (16; 1 on PyTorch and with --distribute on TensorFlow, which allow no more)")
+    speed.add_argument("--plain-keras", action="store_true",
+                       help="turn off every speed and memory patch of resnet_cifar/speedups.py (fused BN, fused "
+                            "momentum, fused JAX steps, ...) and train on stock Keras, for debugging: the same "
+                            "numbers to float rounding (docs/performance.md), slower")
     scale = parser.add_argument_group("scale out")
     scale.add_argument("--distribute", action="store_true",
                        help="data parallelism over every visible device: keras.distribution.DataParallel on "
@@ -210,9 +212,8 @@ def make_parser(description, add_arguments):
     return parser
 
 
-def parse(argv, add_arguments, family_resolve=None, run_name=None, description=None):
-    """A family's command line as its one immutable RunConfig: parsed, checked, defaults resolved."""
-    args = make_parser(description, add_arguments).parse_args(argv)
-    return run_config.resolve(args, family_resolve, run_name)
-
-
+def parse(argv, family):
+    """A family's command line (a families.Family) as its one immutable RunConfig: parsed, checked, defaults
+    resolved."""
+    args = make_parser(family.description, family.add_arguments).parse_args(argv)
+    return run_config.resolve(args, family.resolve, family.run_name)

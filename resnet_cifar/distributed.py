@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from errors import TrainingError, UsageError
+from .errors import TrainingError, UsageError
 
 WAIT_TIMEOUT_S = 600  # --wait-timeout default: far above a step or an evaluation, far below a lost night
 
@@ -306,3 +306,75 @@ class Watchdog:
 
     def __exit__(self, *exc):
         self.stopped.set()
+
+
+class Processes:
+    """Everything a run does because it trains on several devices or processes, behind one context; a run on one
+    device passes through it unchanged:
+
+        with Processes(config, cluster, paths) as processes:   # joins the others, enters the strategy's scope
+            model = build(); processes.prepare(model)           # before compile: synchronized BN (TensorFlow)
+            compile(model); processes.prepare_fit(model)        # after compile: the multi-worker fit() fixes
+            with processes.training():                          # a lost worker or device: one line, exit 1
+                fit(model, ..., paths=processes.writes, beat=processes.beat)
+            processes.finish(model)                             # BN back to Keras's own before saving
+
+    `writes`: where this process writes (the chief: the run's own files; any other process: a private folder
+    deleted at the end). `beat`: the watchdog's, called after every step (None without --distribute)."""
+
+    def __init__(self, config, cluster, paths):
+        self.config, self.cluster, self.paths = config, cluster, paths
+        self.stack = contextlib.ExitStack()
+        self.devices, self.beat, self.writes = 1, None, paths
+
+    def __enter__(self):
+        import tempfile
+
+        from .outputs import private_run_paths
+        config, cluster = self.config, self.cluster
+        with self.stack:  # unwound here if anything below fails
+            # Joining the others is bounded by --wait-timeout on its own (jax.distributed's timeout,
+            # wait_for_peers for TensorFlow); from then on the watchdog bounds every wait.
+            start_processes(config)  # JAX: before anything asks for a device
+            scope, self.devices = distribution(config, cluster)
+            if config.distribute:
+                waiting_for = f"the other {'workers' if cluster.processes > 1 else 'devices'} ({cluster.kind})"
+                self.beat = self.stack.enter_context(Watchdog(config.wait_timeout, waiting_for)).beat
+            if not cluster.chief:
+                folder = self.stack.enter_context(tempfile.TemporaryDirectory(prefix="worker-"))
+                self.writes = private_run_paths(folder, config.run_name)
+            if config.batch_size % self.devices:
+                raise UsageError(f"--batch-size {config.batch_size} does not split over {self.devices} devices "
+                                 f"(use a multiple of {self.devices})")
+            self.stack.enter_context(scope)
+            self.stack = self.stack.pop_all()
+        return self
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
+
+    def prepare(self, model):
+        import keras
+        if self.config.distribute and keras.backend.backend() == "tensorflow":
+            synchronize_batch_norm(model, True)
+
+    def prepare_fit(self, model):
+        from .workarounds import prepare_multi_worker_fit
+        prepare_multi_worker_fit(model, self.config.batch_size, self.cluster.processes)
+
+    @contextlib.contextmanager
+    def training(self):
+        """A worker or device lost mid-run: the framework's error as one line (TrainingError)."""
+        try:
+            yield
+        except (UsageError, TrainingError):
+            raise
+        except Exception as error:
+            if self.config.distribute and (self.cluster.processes > 1 or is_runtime_error(error)):
+                message = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+                raise TrainingError(f"{self.cluster.kind}: {message} (a worker or device was lost; every "
+                                    "completed epoch is saved: rerun all with --resume)") from None
+            raise
+
+    def finish(self, model):
+        synchronize_batch_norm(model, False)

@@ -22,9 +22,9 @@ import sys
 import threading
 import time
 
-import slurm_cluster
-from errors import STOP_SIGNALS, UsageError
-from outputs import write_text
+from . import slurm_cluster
+from .errors import STOP_SIGNALS, UsageError
+from .outputs import write_text
 
 POLL_S = 0.2  # how often a job looks at its script, and the handler at a stopping script
 CHILD_STOP_S = 120  # the script stops at its next step (seconds for the largest network); past this it is killed

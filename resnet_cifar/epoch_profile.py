@@ -13,18 +13,17 @@ the same steps with those layers replaced by identities), feeding the batches al
 checkpoint, and the rest (fit()'s per-epoch set-up, callbacks); the evaluation in other batch sizes when
 asked. Medians of --repeats, round-robin. Prints the tables, the host's CPU and one PROFILE line.
 """
-import importlib
 import os
 import statistics
 import tempfile
 import time
 
-import cli
-from cifar_data import DATASETS, find_local_data, load_data
-from devices import configure_backend, cpu_model
-from errors import UsageError
-from training import eval_batch_size, run_epoch
-from workarounds import batches
+from . import cli, families
+from .cifar_data import DATASETS, find_local_data, load_data
+from .devices import configure_backend, cpu_model
+
+from .training import eval_batch_size, run_epoch
+from .speedups import batches
 
 
 def seconds_since_process_start():
@@ -40,7 +39,7 @@ def without(model, kinds):
     """`model` with every layer of the given classes replaced by an identity (a timing ablation only)."""
     import keras
 
-    from units import with_layers
+    from .units import with_layers
 
     class Identity(keras.layers.Layer):  # takes whatever arguments the replaced layer's call did
         def call(self, inputs, **kwargs):
@@ -59,13 +58,9 @@ def profile(argv):
     parser.add_argument("--eval-batch-size", type=cli.positive_int, nargs="*", default=[], metavar="N",
                         help="also time the evaluation in batches of N (the scripts': training.eval_batch_size)")
     args, family_argv = parser.parse_known_args(argv)
-    name = os.path.splitext(os.path.basename(args.script))[0]
-    if not name.startswith("train_") or not os.path.isfile(f"{name}.py"):
-        raise UsageError(f"no family script {args.script!r} (e.g. train_resnet32.py)")
+    family = families.load(args.script)
     find_local_data(args.data_dir, "cifar10")
-    module = importlib.import_module(name)
-    config = cli.parse(family_argv + ["--data-dir", args.data_dir, "--train-limit", str(args.train_images)],
-                       module.add_arguments, getattr(module, "resolve", None), module.run_name)
+    config = cli.parse(family_argv + ["--data-dir", args.data_dir, "--train-limit", str(args.train_images)], family)
     fixed = {"Python, this project's imports, flags": seconds_since_process_start()}
     clock = time.perf_counter()
 
@@ -80,9 +75,9 @@ def profile(argv):
     lap("framework start", fixed)
     (x, y), (xt, yt), _ = load_data(config)
     lap("data", fixed)
-    model = module.build_model(config, DATASETS[config.dataset].classes)
+    model = family.build_model(config, DATASETS[config.dataset].classes)
     lap("build", fixed)
-    import recipe
+    from . import recipe
     steps = len(x) // config.batch_size
     recipe.compile_model(model, config.lr_schedule, steps, config.steps_per_execution)
     lap("compile", fixed)
@@ -115,7 +110,7 @@ def profile(argv):
             recipe.compile_model(variant, ((0, 1e-9),), steps, config.steps_per_execution)
             run_epoch(variant, one, None, 0, 1)  # traced outside the timing
 
-    from checkpoints import save_state
+    from .checkpoints import save_state
 
     def feed():  # TensorFlow: the tf.data pipeline alone; elsewhere Keras slices the arrays as this does
         for item in (train.x if train.y is None else (train.x[i:i + config.batch_size] for i in range(0, len(train.x), config.batch_size))):

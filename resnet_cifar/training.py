@@ -1,9 +1,9 @@
 """The training loop: epoch by epoch on a shuffled order that is a function of (seed, epoch), the test set
 evaluated after every epoch, the state saved after each so that --resume continues exactly, NaN stops.
 
-`fit` is called by common.main with a compiled model (recipe.compile_model: the recipe's optimizer,
-loss and step schedule) and the run's RunConfig; it writes the history and TensorBoard scalars through outputs and the resume
-state through checkpoints.
+`fit` is called by common.main with a compiled model (recipe.compile_model: the recipe's optimizer, loss and
+step schedule) and the run (`Run`: its RunConfig, data, files, record and saved state); it writes the history
+and TensorBoard scalars through outputs and the resume state through checkpoints.
 """
 import functools
 import math
@@ -11,19 +11,21 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 
-from checkpoints import restore_state, save_state
-from distributed import Cluster, process_share
-from errors import TrainingError
-from recipe import lr_at_epoch
-from outputs import ScalarLog, check_free_space, clear_old_events, hparams_of, write_history
-from workarounds import batches
+from .checkpoints import SavedState, save_state
+from .distributed import Cluster, process_share
+from .errors import TrainingError
+from .recipe import lr_at_epoch
+from .outputs import ScalarLog, check_free_space, clear_old_events, hparams_of, write_history
+from .speedups import batches
 
 EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for a backward pass: bigger batches, same numbers
 # ... except where they would not fit: on PyTorch Keras runs a functional model eagerly, and even with each
-# layer's output dropped after its last use (workarounds.release_activations) a batch of 1000 keeps a few
+# layer's output dropped after its last use (speedups.release_activations) a batch of 1000 keeps a few
 # whole-width layer outputs alive (ResNeXt-29 8x64d: 5 MB an image). There the batch is what fits
 # EVAL_ACTIVATION_BYTES of live layer outputs (docs/performance.md has the measured memory).
 EVAL_ACTIVATION_BYTES = 2 * 2**30
@@ -34,7 +36,7 @@ def eval_batch_size(model):
     layer outputs hold."""
     import keras
 
-    from workarounds import live_bytes_per_image
+    from .speedups import live_bytes_per_image
     if keras.backend.backend() != "torch":
         return EVAL_BATCH_SIZE
     return int(min(EVAL_BATCH_SIZE, max(8, EVAL_ACTIVATION_BYTES // live_bytes_per_image(model))))
@@ -154,19 +156,30 @@ def run_epoch(model, train, test, epoch, epochs, verbose=0, beat=None):
     return {key: values[-1] for key, values in result.history.items()}
 
 
-def fit(model, config, data, paths, record, cluster=Cluster(), beat=None, resume_from=None, saved_state=None):
-    """Trains epoch by epoch, writing the history, TensorBoard scalars and the resume state to `paths` after
-    each; with --resume continues from the state at `resume_from` (default: paths["state"]; in a cluster,
-    the chief's, on a folder every worker shares), whose record `saved_state` the caller may have read and
-    checked already. Returns (history, seconds, training images per second) of this
+@dataclass(frozen=True)
+class Run:
+    """What one training run works with, built once by common.main."""
+    config: object  # the RunConfig
+    data: tuple  # ((x_train, y_train), (x_test, y_test), validation or None): cifar_data.load_data
+    paths: dict  # where this process writes (outputs.run_paths; a private folder on a process that is not chief)
+    record: dict  # the configuration saved with the run (common.run_record); steps_per_epoch, params
+    cluster: Cluster = Cluster()
+    beat: Optional[Callable] = None  # called after every step (distributed.Watchdog)
+    saved: Optional[SavedState] = None  # --resume: the state to continue from, already read and checked
+
+
+def fit(model, run):
+    """Trains epoch by epoch, writing the history, TensorBoard scalars and the resume state to run.paths after
+    each; continues from run.saved when given. Returns (history, seconds, training images per second) of this
     process's epochs."""
     import keras
-    (x_train, y_train), (x_test, y_test), validation = data
+    config, paths, record, cluster = run.config, run.paths, run.record, run.cluster
+    (x_train, y_train), (x_test, y_test), validation = run.data
     steps = record["steps_per_epoch"]
-    resume_from = resume_from or paths["state"]
+    resume_from = run.saved.path if run.saved else paths["state"]  # in a cluster, the chief's
     history = []
-    if config.resume and os.path.isfile(resume_from):
-        history = restore_state(model, resume_from, record, saved_state)
+    if run.saved:
+        history = run.saved.restore(model)
         print(f"resuming {config.run_name} after epoch {len(history)} from {resume_from}")
     elif config.resume:
         print(f"nothing to resume at {resume_from}: starting {config.run_name} from epoch 1")
@@ -182,10 +195,10 @@ def fit(model, config, data, paths, record, cluster=Cluster(), beat=None, resume
     verbose = config.verbose if config.verbose is not None else (1 if sys.stdout.isatty() else 2)
     backend = keras.backend.backend()
     mine, eval_batch = process_share(np.arange(len(x_test)), eval_batch_size(model), cluster, backend)
-    test = batches(x_test[mine], y_test[mine], eval_batch)  # the same every epoch: built once
+    test = batches(x_test[mine], y_test[mine], eval_batch, config.plain_keras)  # the same every epoch: built once
     if validation is not None:  # --val-split: the validation set every epoch, the test set after the last
         mine, eval_batch = process_share(np.arange(len(validation[0])), eval_batch_size(model), cluster, backend)
-        every_epoch = batches(validation[0][mine], validation[1][mine], eval_batch)
+        every_epoch = batches(validation[0][mine], validation[1][mine], eval_batch, config.plain_keras)
     else:
         every_epoch = test
     log = ScalarLog(paths["log_run"], hparams=hparams_of(record, config.family))
@@ -199,8 +212,8 @@ def fit(model, config, data, paths, record, cluster=Cluster(), beat=None, resume
             reseed_augmentation(model, config.seed, epoch)
             order, batch = process_share(epoch_order(config.seed, epoch, len(x_train), steps * config.batch_size),
                                          config.batch_size, cluster, backend)
-            train = batches(x_train[order], y_train[order], batch)
-            logs = run_epoch(model, train, every_epoch, epoch, config.epochs, verbose, beat)
+            train = batches(x_train[order], y_train[order], batch, config.plain_keras)
+            logs = run_epoch(model, train, every_epoch, epoch, config.epochs, verbose, run.beat)
             if not all(math.isfinite(logs.get(key, math.nan)) for key in ("loss", "val_loss")):
                 last_good = resume_from if history else "none yet"  # the chief's, in a cluster
                 raise TrainingError(f"the loss became {logs.get('loss')} in epoch {epoch + 1}; the last good "
