@@ -23,16 +23,26 @@ same compiled step (recipe.compile_model) and fit loop the scripts use, on the c
     python bench.py overhead [--steps-per-execution 1 4 16] [--batch-size 8]
     OVERHEAD backend=... device=... cpu=... loop=keras|ours spe=N batch=... us_per_step=...
 
-Our whole training path against the seed article's Keras 2 recipe, side by side on the same data:
+Our whole training path against the article's Keras 2 recipe, side by side on the same data:
 
-    python bench.py versus-seed DATA_DIR --seed-script PATH [--train-images 10000] [--epochs 2] [--rounds 3]
+    python bench.py versus-article DATA_DIR --article-script PATH [--train-images 10000] [--epochs 2] [--rounds 3]
 
-runs the seed recipe script at PATH (the article's Keras 2 code; needs tf-keras and scipy: docs/fidelity.md)
+runs the article recipe script at PATH (the article's Keras 2 code; needs tf-keras and scipy: docs/fidelity.md)
 and train_resnet32.py in turn, each for --epochs epochs on the first N training images with the test set
-evaluated after each epoch, and prints two ratios of ours to the seed's speed, each the median of the rounds'
+evaluated after each epoch, and prints two ratios of ours to the article recipe's speed, each the median of the rounds'
 (a round's two runs are neighbours in time, which is what survives a noisy machine): the whole run's
 (start-up, tracing and compilation included: what a short run feels) and the last epoch's (the steady state:
 what a long run feels), with the host's CPU model.
+
+This checkout's train_resnet32.py against another checkout's (an earlier commit: `git worktree add ../old REV`),
+the same command on the same data, alternately, a process each:
+
+    python bench.py versus-checkout DATA_DIR ../old [--train-images 10000] [--epochs 2] [--rounds 3]
+
+prints per run its whole time (process start to exit), its epochs' seconds (the history's) and the rest, the
+fixed cost (start-up, first trace outside the epochs, the data, the saved files, the exit), then the medians and
+two ratios: fixed cost, this checkout's over the other's, and the last epoch's (steady state), the other's over
+this one's (above 1: this checkout faster).
 """
 import contextlib
 import csv
@@ -222,40 +232,40 @@ def overhead(argv):
 
 
 def epoch_seconds(history_csv):
-    """The `seconds` column of a history CSV (ours and the seed recipe's --history write one)."""
+    """The `seconds` column of a history CSV (ours and the article recipe's --history write one)."""
     with open(history_csv) as f:
         return [float(row["seconds"]) for row in csv.DictReader(f)]
 
 
-def versus_seed(argv):
-    parser = cli.Parser(description="train_resnet32.py against the seed recipe",
-                        usage="bench.py versus-seed DATA_DIR --seed-script PATH [options]")
+def versus_article(argv):
+    parser = cli.Parser(description="train_resnet32.py against the article recipe",
+                        usage="bench.py versus-article DATA_DIR --article-script PATH [options]")
     parser.add_argument("data_dir", metavar="DATA_DIR")
     parser.add_argument("--train-images", type=cli.positive_int, default=10000)
     parser.add_argument("--epochs", type=cli.positive_int, default=2,
                         help="epochs per run; from 2 on, the last epoch's seconds give the steady-state ratio")
     parser.add_argument("--rounds", type=cli.positive_int, default=1, help="alternate runs; medians reported")
-    parser.add_argument("--seed-script", required=True, metavar="PATH",
-                        help="the seed article's Keras 2 recipe as a script (docs/fidelity.md says what it runs)")
+    parser.add_argument("--article-script", required=True, metavar="PATH",
+                        help="the article's Keras 2 recipe as a script (docs/fidelity.md says what it runs)")
     parser.add_argument("--ours", default="", metavar="FLAGS", help='more train_resnet32.py flags, e.g. '
                         '"--precision float32"')
     args = parser.parse_args(argv)
     find_local_data(args.data_dir, "cifar10")
-    if not os.path.isfile(args.seed_script):
-        raise UsageError(f"seed recipe not found at {args.seed_script} (give --seed-script)")
+    if not os.path.isfile(args.article_script):
+        raise UsageError(f"article recipe not found at {args.article_script} (give --article-script)")
     print(f"host CPU: {cpu_model()}", flush=True)
-    whole, steady = [], []  # per round: (ours, seed) images/s of the whole run, and seconds of the last epoch
+    whole, steady = [], []  # per round: (ours, the article recipe's) images/s of the whole run, and seconds of the last epoch
     with tempfile.TemporaryDirectory() as out:
         for i in range(args.rounds):
-            seed_history = os.path.join(out, f"seed{i}.csv")
-            seed_run = subprocess.run([sys.executable, args.seed_script, args.data_dir, "--train-images",
+            article_history = os.path.join(out, f"article{i}.csv")
+            article_run = subprocess.run([sys.executable, args.article_script, args.data_dir, "--train-images",
                                        str(args.train_images), "--epochs", str(args.epochs), "--history",
-                                       seed_history], capture_output=True, text=True)
-            found = re.search(r"SEED_RECIPE images_per_s=([\d.]+).*test_acc=([\d.]+)", seed_run.stdout)
+                                       article_history], capture_output=True, text=True)
+            found = re.search(r"(?:SEED|ARTICLE)_RECIPE images_per_s=([\d.]+).*test_acc=([\d.]+)", article_run.stdout)
             if not found:
-                raise UsageError(f"the seed recipe failed: {seed_run.stderr.strip().splitlines()[-1:]}")
-            print(found.group(0), f"epoch_seconds={epoch_seconds(seed_history)}", flush=True)
-            seed = float(found.group(1)), epoch_seconds(seed_history)[-1]
+                raise UsageError(f"the article recipe failed: {article_run.stderr.strip().splitlines()[-1:]}")
+            print(found.group(0), f"epoch_seconds={epoch_seconds(article_history)}", flush=True)
+            article = float(found.group(1)), epoch_seconds(article_history)[-1]
             run_name = f"ours{i}"
             our_run = subprocess.run([sys.executable, os.path.join(HERE, "train_resnet32.py"), "--data-dir",
                                       args.data_dir, "--train-limit", str(args.train_images), "--epochs",
@@ -268,13 +278,58 @@ def versus_seed(argv):
             ours_history = os.path.join(out, f"{run_name}.csv")
             print(line, f"epoch_seconds={epoch_seconds(ours_history)}", flush=True)
             ours = float(found.group(1)), epoch_seconds(ours_history)[-1]
-            whole.append(ours[0] / seed[0])
-            steady.append(seed[1] / ours[1])
+            whole.append(ours[0] / article[0])
+            steady.append(article[1] / ours[1])
     # Each round's two runs are neighbours in time: their ratio is what survives a noisy machine.
-    print(f"VERSUS_SEED cpu={cpu_model().replace(' ', '_')} train_images={args.train_images} epochs={args.epochs} "
+    print(f"VERSUS_ARTICLE cpu={cpu_model().replace(' ', '_')} train_images={args.train_images} epochs={args.epochs} "
           f"rounds={args.rounds} whole_run_ratio={statistics.median(whole):.2f} "
           + (f"steady_state_ratio={statistics.median(steady):.2f} " if args.epochs > 1 else "")
           + f"round_ratios={','.join(f'{w:.2f}/{s:.2f}' for w, s in zip(whole, steady))}")
+
+
+def whole_run(root, args, out, name):
+    """(wall seconds from process start to exit, the epochs' seconds) of root/train_resnet32.py."""
+    command = [sys.executable, os.path.join(root, "train_resnet32.py"), "--data-dir", os.path.abspath(args.data_dir),
+               "--train-limit", str(args.train_images), "--epochs", str(args.epochs), *shlex.split(args.flags),
+               "--run-name", name, "--log-dir", out, "--checkpoint-dir", out, "--verbose", "0"]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise UsageError(f"{root}/train_resnet32.py failed: {done.stderr.strip().splitlines()[-1:]}")
+    return wall, epoch_seconds(os.path.join(out, f"{name}.csv"))
+
+
+def versus_checkout(argv):
+    parser = cli.Parser(description="this checkout's whole run against another checkout's",
+                        usage="bench.py versus-checkout DATA_DIR OTHER [options]")
+    parser.add_argument("data_dir", metavar="DATA_DIR")
+    parser.add_argument("other", metavar="OTHER", help="another checkout of this repository (its root folder)")
+    parser.add_argument("--train-images", type=cli.positive_int, default=10000)
+    parser.add_argument("--epochs", type=cli.positive_int, default=2)
+    parser.add_argument("--rounds", type=cli.positive_int, default=3, help="alternate runs; medians reported")
+    parser.add_argument("--flags", default="", metavar="FLAGS", help="more flags for both, e.g. '--stack-n 3'")
+    args = parser.parse_args(argv)
+    find_local_data(args.data_dir, "cifar10")
+    if not os.path.isfile(os.path.join(args.other, "train_resnet32.py")):
+        raise UsageError(f"{args.other!r} holds no train_resnet32.py (give another checkout's root folder)")
+    print(f"host CPU: {cpu_model()}", flush=True)
+    sides = {"this": HERE, "other": os.path.abspath(args.other)}
+    fixed, last = {side: [] for side in sides}, {side: [] for side in sides}
+    with tempfile.TemporaryDirectory() as out:
+        for i in range(args.rounds):
+            for side in (("this", "other") if i % 2 else ("other", "this")):  # each goes first in turn
+                wall, epochs = whole_run(sides[side], args, out, f"{side}{i}")
+                fixed[side].append(wall - sum(epochs))
+                last[side].append(epochs[-1])
+                print(f"VERSUS_CHECKOUT_RUN side={side} round={i} wall_s={wall:.1f} epochs_s={sum(epochs):.1f} "
+                      f"fixed_s={wall - sum(epochs):.1f} last_epoch_s={epochs[-1]:.1f}", flush=True)
+    median = {side: (statistics.median(fixed[side]), statistics.median(last[side])) for side in sides}
+    print(f"VERSUS_CHECKOUT cpu={cpu_model().replace(' ', '_')} train_images={args.train_images} "
+          f"epochs={args.epochs} rounds={args.rounds} fixed_s={median['this'][0]:.1f}/{median['other'][0]:.1f} "
+          f"fixed_ratio={median['this'][0] / median['other'][0]:.2f} "
+          f"last_epoch_s={median['this'][1]:.1f}/{median['other'][1]:.1f} "
+          f"steady_state_ratio={median['other'][1] / median['this'][1]:.2f}")
 
 
 def profile(argv):
@@ -282,7 +337,8 @@ def profile(argv):
     epoch_profile.profile(argv)
 
 
-MODES = {"model": bench_models, "overhead": overhead, "versus-seed": versus_seed, "profile": profile}
+MODES = {"model": bench_models, "overhead": overhead, "versus-article": versus_article,
+         "versus-checkout": versus_checkout, "profile": profile}
 
 
 def main(argv=None):

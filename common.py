@@ -14,6 +14,7 @@ in the resnet_cifar package, one concern a module (docs/layout.md).
 Import-safe: Keras (and through it TensorFlow, JAX or PyTorch) is imported inside the functions that need it,
 after the command line and every path have been checked.
 """
+import concurrent.futures
 import contextlib
 import errno
 import importlib.util
@@ -29,7 +30,7 @@ import numpy as np
 from resnet_cifar import cli, distributed, runs
 from resnet_cifar.checkpoints import SavedState, as_trained, check_model_file, load_model_safely, save_model
 from resnet_cifar.cifar_data import DATASETS, find_local_data, load_data
-from resnet_cifar.devices import configure_backend, where_it_trains
+from resnet_cifar.devices import configure_backend, fast_exit, where_it_trains
 from resnet_cifar.errors import STOP_SIGNALS, Preempted, TrainingError, UsageError, one_line_usage_errors
 from resnet_cifar.outputs import (CHECKPOINT_FILES, check_free_space, check_writable_dir, final_line,
                                   no_space_message, remove_stale_temporaries, run_paths, write_text)
@@ -62,6 +63,8 @@ def main(family, argv=None):
             print(f"{prog}: stopped by {signal.Signals(stop.signum).name}; every completed epoch is saved, "
                   f"continue with: {command}", file=sys.stderr)
             sys.exit(128 + stop.signum)
+    if argv is None:  # a process of its own (the script), not a caller's: end it now
+        fast_exit()
 
 
 def _preempt(signum, frame):
@@ -87,6 +90,8 @@ def _run(config, build_model):
     config = runs.find_run_to_resume(config)  # --resume with a raised --epochs: the run trained with fewer
     paths = run_paths(config.checkpoint_dir, config.log_dir, config.run_name)
     with contextlib.ExitStack() as owner:
+        if not os.path.exists(paths["log_run"]):  # a run that never starts leaves no empty log folder behind
+            owner.callback(_remove_if_empty, paths["log_run"])
         if cluster.chief:  # the only process that writes: it owns the run's files
             check_writable_dir(config.checkpoint_dir, "--checkpoint-dir")
             owner.enter_context(runs.RunLock(config.checkpoint_dir, config.run_name))
@@ -107,14 +112,34 @@ def _run(config, build_model):
             raise TrainingError(no_space_message(folder)) from None
 
 
+def _remove_if_empty(folder):
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
+
+
+def _start(config):
+    """(the backend, the data): the framework starts (quietly: devices.quiet_start) while the local data is read
+    in a second thread; the download path (keras.datasets) runs after the start, so its refusal comes without
+    the framework's start-up lines."""
+    def start():  # XLA's own collective timeout stays above ours: the watchdog's one line comes first
+        return configure_backend(config.precision, config.cpu_devices, collective_timeout=2 * config.wait_timeout,
+                                 plain=config.plain_keras)
+    if not config.data_dir:
+        return start(), load_data(config)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(load_data, config)
+        try:
+            backend = start()
+        finally:
+            data = reading.result()  # its UsageError (a corrupt file) first: bad input before anything else
+    return backend, data
+
+
 def _train(config, build_model, cluster, spec, paths, saved):
-    data = load_data(config)
+    backend, data = _start(config)
     if len(data[0][0]) < config.batch_size:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(data[0][0])} training images "
                          "(lower --batch-size or raise --train-limit)")
-    # XLA's own collective timeout stays above ours: the watchdog's one line comes first, not XLA's core dump
-    backend = configure_backend(config.precision, config.cpu_devices, collective_timeout=2 * config.wait_timeout,
-                                plain=config.plain_keras)
     if backend != config.backend:
         raise UsageError(f"Keras started {backend}, not {config.backend}: set KERAS_BACKEND explicitly")
     for signum in STOP_SIGNALS:  # again: a framework may have set its own handler while starting
@@ -201,4 +226,4 @@ def _evaluate(config, spec):
                              "remove it") from None
     run = os.path.splitext(os.path.basename(path))[0]
     print(final_line(run=run, epochs=epochs, params=model.count_params(), test_acc=f"{accuracy:.4f}",
-                     test_loss=f"{loss:.4f}", train_images_per_s="0.0", seconds=f"{seconds:.1f}"))
+                     test_loss=f"{loss:.4f}", seconds=f"{seconds:.1f}"))

@@ -1,10 +1,10 @@
-"""Compare training runs: one figure of their curves and a Markdown table, as the seed articles show them.
+"""Compare training runs: one figure of their curves and a Markdown table, as the articles show them.
 
     python compare.py resnet32_a_cifar10 resnet32_e_cifar10 --out units.png
     python compare.py logs/resnet56_a_cifar10 logs/plain56_a_cifar10 --out plain.png --zoom 20
 
 RUN is a run's log folder or a run name under --log-dir (default logs/); each holds history.csv and
-config.json, written by every training script, or a history.csv alone (the seed recipe's --history, whose
+config.json, written by every training script, or a history.csv alone (the article recipe's --history, whose
 columns are the same), so that one figure overlays both. The figure has train accuracy, train loss, test accuracy
 and test loss per epoch for all runs (legend by run name) and a zoomed panel of the last epochs' test
 accuracy. The table (stdout) gives each run's model, parameters, checkpoint size on disk, final and best
@@ -33,7 +33,7 @@ def load_run(run, log_dir):
     config_path = os.path.join(folder, "config.json")
     try:
         config = {}
-        if os.path.isfile(config_path):  # the seed recipe's history comes without one
+        if os.path.isfile(config_path):  # the article recipe's history comes without one
             with open(config_path) as f:
                 config = json.load(f)
         with open(os.path.join(folder, "history.csv")) as f:
@@ -75,7 +75,8 @@ def figure(runs, out, zoom):
     for run in runs:
         tail = run["history"][-zoom:]
         zoomed.plot([r["epoch"] + 1 for r in tail], [r["test_accuracy"] for r in tail], marker=".", label=run["name"])
-    zoomed.set(title=f"test accuracy, last {zoom} epochs", xlabel="epoch")
+    shown = min(zoom, max(len(run["history"]) for run in runs))  # a 2-epoch run's panel says 2, not 40
+    zoomed.set(title=f"test accuracy, last {shown} epochs", xlabel="epoch")
     zoomed.grid(alpha=0.3)
     axes[0, 0].legend(fontsize="small")
     axes[1, 2].axis("off")

@@ -15,10 +15,7 @@ the Keras example's v1 ResNet-32: 92.46 %), 200 epochs. Measured here: 88.81 % a
 (one run, one H100, JAX) on a JPEG-re-encoded CIFAR-10 copy that costs pretrained ResNet-32s 3-4 points
 (docs/fidelity.md); ResNet-20 (--stack-n 3) 88.10 % likewise, published 91.25 %.
 The network is written two ways that build the same model: `resnet32_spelled_out` lists the 15 units
-one by one as the seed article first does, `resnet` is the compact unit-function-and-loop form.
-Trains in float32 by default, as the papers did; `--precision auto` picks bfloat16 where it was measured
-faster (1.44x on a CPU with bfloat16 instructions, a few tenths of a point lower in short runs:
-results/README.md).
+one by one as the article first does, `resnet` is the compact unit-function-and-loop form.
 """
 from functools import partial
 

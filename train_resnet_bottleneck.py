@@ -1,7 +1,7 @@
 """Train the bottleneck ResNet-50/101/152 of He et al. 2015, adapted to 32x32 CIFAR images.
 
 Paper: K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
-(arXiv:1512.03385), Table 1. CIFAR adaptation (as the seed article does): a 3x3 stem convolution to 64
+(arXiv:1512.03385), Table 1. CIFAR adaptation (as the article does): a 3x3 stem convolution to 64
 channels and no pooling; four stages of bottleneck units (widths 64/128/256/512, outputs 4x that) whose
 first unit has stride 2 (32 -> 16 -> 8 -> 4 -> 2), the 1x1 projection reading the raw unit input; each
 unit is conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1-BN-ReLU, then the addition (ReLU before addition).
@@ -10,12 +10,9 @@ unit is conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1-BN-ReLU, then the addition (ReLU
     python train_resnet_bottleneck.py --depth 101         # 42,663,562
     python train_resnet_bottleneck.py --depth 152         # 58,376,330: the paper's [3, 8, 36, 3]
 
-The seed article's ResNet-152 code puts 4 units, not 8, in the second stage (57,246,858 parameters):
+the article's ResNet-152 code puts 4 units, not 8, in the second stage (57,246,858 parameters):
 that network is not ResNet-152; this is. No CIFAR accuracy was published for these ImageNet-shaped
 networks, and none has been measured here yet.
-Trains in float32 by default, as the papers did; `--precision auto` picks bfloat16 where it was measured
-faster (1.44x on a CPU with bfloat16 instructions, a few tenths of a point lower in short runs:
-results/README.md).
 """
 from functools import partial
 

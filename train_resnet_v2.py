@@ -29,9 +29,6 @@ activated input, stride 2 in stages 2 and 3; BN-ReLU, global average pooling, so
 conventions: biased convolutions (without biases the trainable counts are 1,703,258 and 10,327,706, the
 paper's "1.7 M" and "10.2 M"), BN momentum 0.9 / epsilon 1e-5, weight decay on every kernel. Published (He
 et al. 2016, median of 5 runs; not measured here): ResNet-164 94.54 %, ResNet-1001 95.08 % on CIFAR-10; 75.67 %, 77.29 % on CIFAR-100.
-Trains in float32 by default, as the papers did; `--precision auto` picks bfloat16 where it was measured
-faster (1.44x on a CPU with bfloat16 instructions, a few tenths of a point lower in short runs:
-results/README.md).
 """
 from functools import partial
 

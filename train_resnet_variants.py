@@ -16,9 +16,6 @@ d and e take the projection shortcut from the activated input, d-v2 and e-v2 fro
 Published, ResNet-110 in the paper (CIFAR-10 test error; not measured here at that depth): a 6.61 %, b 8.17 %, c 7.84 %, d 6.71 %,
 e 6.37 %. Measured here only in short CPU runs (results/units_cpu.md). The article reports the wide ResNet
 beating its plain twin by 1.59 points after 20 epochs (not measured here).
-Trains in float32 by default, as the papers did; `--precision auto` picks bfloat16 where it was measured
-faster (1.44x on a CPU with bfloat16 instructions, a few tenths of a point lower in short runs:
-results/README.md).
 """
 from functools import partial
 
@@ -28,7 +25,7 @@ from resnet_cifar.cifar_resnet import STACK_N, depth, resnet
 from resnet_cifar.families import Family
 from resnet_cifar.units import UNITS, Style, Unit, model_from, residual_unit, stack
 
-# Section 4 of the spec: the "Building a ResNet in Keras" network, post-activation with ReLU *then* BN.
+# docs/architectures.md, section 4: the "Building a ResNet in Keras" network, post-activation with ReLU *then* BN.
 WIDE_STEM_FILTERS = 64
 WIDE_STAGES = [(64, 2, 1), (128, 5, 2), (256, 5, 2), (512, 2, 2)]  # (filters, units, stride)
 WIDE_UNIT = Unit("conv3 relu bn conv3", after_add="relu bn")

@@ -6,7 +6,7 @@ Neural Networks", CVPR 2017 (arXiv:1611.05431), §5.3 and Table 7.
     python train_resnext.py                                   # ResNeXt-29 8x64d, 34,484,170 parameters
     python train_resnext.py --cardinality 16                  # ResNeXt-29 16x64d, 68,255,690 parameters
     python train_resnext.py --depth 50                        # ResNeXt-50 32x4d on CIFAR
-    python train_resnext.py --depth 50 --cardinality 4 --bottleneck-width 128   # the seed article's C = 4
+    python train_resnext.py --depth 50 --cardinality 4 --bottleneck-width 128   # the article's C = 4
     python train_resnext.py --impl split                      # same network, split-transform-merge form
 
 A unit is conv1x1-BN-ReLU, a 3x3 convolution in C groups of width d, BN-ReLU, conv1x1-BN, the addition,
@@ -24,9 +24,6 @@ Two implementations of one function, with equal parameter counts:
 Recipe defaults follow the paper's CIFAR training (§5.3): weight decay 5e-4, 300 epochs, learning rate
 0.1 divided by 10 at epochs 150 and 225; --recipe resnet uses this project's common ResNet recipe.
 Published (paper, CIFAR-10 test error; not measured here): ResNeXt-29 8x64d 3.65 %, 16x64d 3.58 %.
-Trains in float32 by default, as the papers did; `--precision auto` picks bfloat16 where it was measured
-faster (1.44x on a CPU with bfloat16 instructions, a few tenths of a point lower in short runs:
-results/README.md).
 """
 from functools import partial
 
@@ -113,7 +110,7 @@ def add_arguments(parser):
     widths.add_argument("--width", type=int, metavar="d", help="width d of each group in the first stage "
                                                                "(default: 64 for 29, 4 for 50)")
     widths.add_argument("--bottleneck-width", type=int, metavar="W",
-                        help="or the first stage's grouped width as a whole, W = C * d (the seed article's)")
+                        help="or the first stage's grouped width as a whole, W = C * d (the article's)")
     parser.add_argument("--impl", choices=("grouped", "split"), default="grouped",
                         help="grouped: Conv2D(groups=C); split: C explicit paths, concatenated")
     parser.add_argument("--recipe", choices=("resnext", "resnet"), default="resnext",

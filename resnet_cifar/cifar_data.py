@@ -112,6 +112,10 @@ def find_local_data(data_dir, dataset):
     if not os.path.isdir(data_dir):
         raise UsageError(f"--data-dir {data_dir!r} does not exist (give the folder that holds "
                          f"{spec.folder}/ or {spec.archive})")
+    if os.path.basename(os.path.normpath(data_dir)) == spec.folder or os.path.isfile(
+            os.path.join(data_dir, spec.test_files[0])):  # the inner folder itself
+        raise UsageError(f"--data-dir {data_dir!r} is the {spec.folder} folder itself: give the folder that holds "
+                         f"it, {os.path.dirname(os.path.normpath(data_dir)) or '.'!r}")
     raise UsageError(f"--data-dir {data_dir!r} holds neither {spec.folder}/ nor {spec.archive} "
                      f"(download {spec.title} 'python version' there)")
 

@@ -162,7 +162,7 @@ def make_parser(description, add_arguments):
                        help="compute precision, default float32 as in the papers; mixed_* keep float32 weights, "
                             "BN statistics, softmax and loss (mixed_float16 adds loss scaling); auto: "
                             "mixed_bfloat16 where it was measured faster (TensorFlow on a CPU with bfloat16 "
-                            "instructions: 1.44x, about 0.4-0.7 points lower in short runs), else float32")
+                            "instructions; its speed and accuracy cost: docs/performance.md), else float32")
     speed.add_argument("--steps-per-execution", type=steps_per_execution, default="auto", metavar="N",
                        help="training steps per compiled call (Keras compile(steps_per_execution=)): the host "
                             "runs callbacks and reads the logs once per N steps; auto: the measured best for the "
@@ -196,8 +196,9 @@ def make_parser(description, add_arguments):
     out.add_argument("--checkpoint-dir", default="checkpoints",
                      help="<run-name>.h5 and .keras (the model), .csv (history) and .json (configuration)")
     out.add_argument("--resume", action="store_true",
-                     help="continue an interrupted run from its last completed epoch (same command plus --resume; "
-                          "--epochs may be raised)")
+                     help="continue an interrupted run from its last completed epoch (same command plus --resume), "
+                          "or a finished one with a raised --epochs (the run saved under the name with its old "
+                          "epoch count is found and continued in its own files)")
     out.add_argument("--overwrite", action="store_true",
                      help="start over, replacing the files of an earlier run of the same name (without it, and "
                           "without --resume, a run refuses to touch them)")

@@ -82,9 +82,9 @@ def nvidia_gpu_present():
 
 def resolve_precision(precision, backend):
     """The default is float32, as the papers trained. --precision auto chooses by measurement
-    (docs/performance.md): TensorFlow on a CPU with bfloat16 instructions and no GPU trains ResNet-32 about
-    1.44x faster in mixed_bfloat16, at a small accuracy cost (paired short real-data runs ended 0.66 points
-    under float32 after 6 epochs, 0.37 after 15: docs/fidelity.md); everywhere else float32."""
+    (docs/performance.md): TensorFlow on a CPU with bfloat16 instructions and no GPU trains ResNet-32 faster in
+    mixed_bfloat16, at a small accuracy cost (both measured in docs/performance.md and docs/fidelity.md);
+    everywhere else float32."""
     if precision != "auto":
         return precision
     if backend == "tensorflow" and cpu_has_bfloat16() and not nvidia_gpu_present():
@@ -139,9 +139,35 @@ def quiet_start(start):
                     print(line, file=sys.stderr)
 
 
+def compilation_cache_dir():
+    """Where compiled XLA programs are kept between runs: $RESNET_CIFAR_CACHE, else $XDG_CACHE_HOME or ~/.cache,
+    under resnet-cifar/xla. A second run of the same network and settings (a sweep's next seed, the tests)
+    loads its training step instead of compiling it again (docs/performance.md)."""
+    base = os.environ.get("RESNET_CIFAR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "resnet-cifar")
+    return os.path.join(base, "xla")
+
+
+def _use_compilation_cache():
+    """JAX's persistent compilation cache (jax_compilation_cache_dir), unless the user set one; every program,
+    however quick to compile (a ResNet-8 step compiles in under JAX's default threshold of one second)."""
+    import jax
+    if jax.config.jax_compilation_cache_dir:
+        return
+    path = compilation_cache_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:  # no cache (a read-only home): compile every time, as without it
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def _start_framework(cpu_devices, plain):
     with without_unused_imports(backend_name(), plain):
         import keras
+    if keras.backend.backend() == "jax":
+        _use_compilation_cache()
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
         cpus = tf.config.list_physical_devices("CPU")
@@ -168,6 +194,17 @@ def configure_backend(precision="float32", cpu_devices=None, collective_timeout=
     keras.mixed_precision.set_global_policy(resolve_precision(precision, keras.backend.backend()))
     sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     return keras.backend.backend()
+
+
+def fast_exit(code=0):
+    """Ends a finished run's process without the interpreter's teardown: every file is closed by then, and
+    unloading TensorFlow's modules and threads took 1-1.5 s of a short run and wrote nothing (2-core AMD EPYC,
+    TensorFlow 2.21; docs/performance.md). The atexit handlers still run, and the output is flushed."""
+    import atexit
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def accelerators():

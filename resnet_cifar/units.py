@@ -16,7 +16,7 @@ from .speedups import batch_normalization_class
 
 @dataclass(frozen=True)
 class Style:
-    """How a family makes its convolutions and batch normalizations (spec: "Unless a family says
+    """How a family makes its convolutions and batch normalizations (docs/architectures.md: "Unless a family says
     otherwise"): padding same, he_normal, L2 on kernels, biases on, BN momentum 0.9 / epsilon 1e-5."""
     weight_decay: float = WEIGHT_DECAY
     use_bias: bool = True
@@ -137,7 +137,7 @@ def stack(x, stages, unit_fn):
 
 
 def bn_relu_gap_head(x, classes, style=Style()):
-    """The spec's head: BN -> ReLU -> GlobalAveragePooling -> Dense(softmax)."""
+    """The CIFAR head (docs/architectures.md): BN -> ReLU -> GlobalAveragePooling -> Dense(softmax)."""
     import keras
     x = style.bn(name="head_bn")(x)
     x = keras.layers.Activation("relu", name="head_relu")(x)

@@ -125,6 +125,7 @@ print(json.dumps(np.asarray(layer(x, training=True))[:, :, :, 0].astype(int).tol
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_offsets_are_per_image_and_uniform_on(backend):
     code = OTHER_BACKEND.format(root=ROOT, padding=recipe.PADDING, images=IMAGES)

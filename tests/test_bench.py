@@ -1,9 +1,12 @@
 """bench.py runs and prints its figures (it is never timed here: speed is read from its output)."""
 import re
 
+import pytest
+
 from conftest import run_script
 
 
+@pytest.mark.slow
 def test_bench_prints_a_machine_readable_line_per_configuration():
     result = run_script("bench.py", "model", "train_resnet32.py", "--stack-n", "1", "--batch-size", "8", "16",
                         "--precision", "float32", "--batch-norm", "auto", "keras",
@@ -40,8 +43,8 @@ def test_overhead_mode_prints_one_line_per_configuration():
         assert float(fields["us_per_step"]) > 0 and fields["batch"] == "16"
 
 
-def test_bench_needs_a_mode_and_the_seed_script_path():
+def test_bench_needs_a_mode_and_the_article_script_path():
     result = run_script("bench.py", "train_resnet32.py")
-    assert result.returncode == 2 and "model, overhead, versus-seed" in result.stderr
-    result = run_script("bench.py", "versus-seed", "data")
-    assert result.returncode == 2 and "--seed-script" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "model, overhead, versus-article" in result.stderr
+    result = run_script("bench.py", "versus-article", "data")
+    assert result.returncode == 2 and "--article-script" in result.stderr and "Traceback" not in result.stderr

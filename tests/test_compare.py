@@ -22,6 +22,7 @@ def two_runs(cifar_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_figure_and_table(two_runs):
     figure = two_runs / "runs.png"
     result = run_script("compare.py", *RUNS, "--log-dir", two_runs / "logs", "--out", figure)
@@ -53,7 +54,7 @@ def test_missing_run_is_refused(two_runs):
 
 
 def test_a_history_without_configuration_is_drawn_too(two_runs):
-    """The seed recipe writes history.csv alone (same columns): it is overlaid on our runs."""
+    """The article recipe writes history.csv alone (same columns): it is overlaid on our runs."""
     seed = two_runs / "logs" / "seedrecipe_run"
     seed.mkdir()
     ours = (two_runs / "logs" / "resnet8_e_cifar10_e2_b32" / "history.csv").read_text()

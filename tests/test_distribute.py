@@ -7,6 +7,8 @@ import pytest
 
 from conftest import EPOCHS, TINY_RUN, assert_refused, final_fields, run_script
 
+pytestmark = pytest.mark.slow  # whole training runs on clusters or sweeps: the full suite only
+
 RUN = "resnet8_e_cifar10"
 
 

@@ -60,6 +60,7 @@ def test_fused_batch_normalization_computes_what_keras_does(policy, precision, r
         np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * np.abs(expected).max(), err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extension", [".h5", ".keras"])
 def test_saved_checkpoint_loads_in_plain_keras(trained, extension):
     """The .h5 and .keras of a real run load in a Python that cannot import this project, with Keras's own
@@ -219,6 +220,7 @@ print(json.dumps({{"layers": len(model.layers), "before": before, "after": after
 """
 
 
+@pytest.mark.slow
 def test_torch_forward_keeps_only_live_layer_outputs():
     """speedups.release_activations: on PyTorch a layer's output is dropped after its last reader (Keras
     alone keeps every one until the forward pass ends), with the same predictions."""

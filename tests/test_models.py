@@ -10,7 +10,7 @@ import train_resnet_variants
 import train_resnext
 from conftest import build, parse, run_script
 
-# (script module, arguments, total, trainable, non-trainable): the spec's tables, CIFAR-10 unless noted.
+# (script module, arguments, total, trainable, non-trainable): docs/architectures.md's tables, CIFAR-10 unless noted.
 MODEL_LIST = [
     (train_resnet32, [], 470_218, 467_946, 2_272),
     (train_resnet32, ["--model", "resnet34"], 416_458, 414_186, 2_272),
@@ -36,7 +36,7 @@ MODEL_LIST = [
     (train_resnet_v2, ["--version", "2", "--depth", "164"], 4_972_682, 4_941_546, 31_136),
     # section 3b: the pre-activation paper's own networks (ResNet-1001 is built in its own test below)
     (train_resnet_v2, ["--layout", "paper", "--depth", "164"], 1_740_042, 1_715_818, 24_224),
-    # spec §5: "an independent build of the grouped form with bias-free convolutions gave ..."
+    # docs/architectures.md §5: "an independent build of the grouped form with bias-free convolutions gave ..."
     (train_resnext, ["--cardinality", "8", "--width", "64"], 34_484_170, None, None),
     (train_resnext, ["--cardinality", "16", "--width", "64"], 68_255_690, None, None),
 ]
@@ -108,6 +108,7 @@ def test_v2_projection_reads_raw_input(unit):
     assert activated.get_layer(projection).input.name != raw.get_layer(projection).input.name
 
 
+@pytest.mark.slow
 def test_resnext_split_and_grouped_are_one_function():
     # in float64, so that the check measures the two forms and not float32 summation order (in float32 the
     # outputs once differed by 1.3e-4 relative after 29 layers of randomized BatchNorm)
@@ -125,6 +126,7 @@ def test_resnext_split_and_grouped_are_one_function():
     np.testing.assert_allclose(grouped.predict(x, verbose=0), split.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resnext_split_and_grouped_parameter_counts_match_at_full_size():
     for depth, c, d in ((29, 8, 64), (50, 4, 32)):
         assert (train_resnext.resnext(depth, c, d, "grouped").count_params()

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import EPOCHS, NO_TENSORFLOW, ROOT, TINY_RUN, assert_refused, final_fields, free_ports, run_script
 
+pytestmark = pytest.mark.slow  # whole training runs on clusters or sweeps: the full suite only
+
 RUN = "resnet8_e_cifar10"
 WAIT = 240  # --wait-timeout: a lost worker ends the test's run in minutes, never a hang
 
@@ -177,6 +179,7 @@ WATCHDOG = """
 import sys, time
 sys.path.insert(0, {root!r})
 from resnet_cifar.distributed import Watchdog
+
 with Watchdog(1, "the other devices (a test)"):
     time.sleep(30)  # a step that never finishes
 """

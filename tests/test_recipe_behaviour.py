@@ -130,14 +130,13 @@ def test_the_loop_feeds_each_epoch_its_own_order(cifar_dir, tmp_path, monkeypatc
     fed = []
     original = training.batches
 
-    def recording(x, y, batch_size):
+    def recording(x, y, batch_size, plain=False):
         fed.append(np.array(y))
-        return original(x, y, batch_size)
+        return original(x, y, batch_size, plain)
     monkeypatch.setattr(training, "batches", recording)
     handlers = {s: signals.getsignal(s) for s in (signals.SIGTERM, signals.SIGUSR1, signals.SIGUSR2)}
     try:
-        common.main(train_resnet32.__doc__, train_resnet32.add_arguments, train_resnet32.run_name,
-                    train_resnet32.build_model, argv=[  # the script's own entry, in this process
+        common.main(train_resnet32.FAMILY, argv=[  # the script's own entry, in this process
                         "--data-dir", str(cifar_dir), "--stack-n", "1", "--batch-size", "32", "--epochs", "2",
                         "--seed", "5", "--log-dir", str(tmp_path / "logs"),
                         "--checkpoint-dir", str(tmp_path / "checkpoints")])
@@ -203,6 +202,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
 def test_the_script_killed_while_writing_its_state_resumes(cifar_dir, tmp_path, backend):
     args = ["--data-dir", cifar_dir, "--stack-n", "1", "--batch-size", "32", "--epochs", "3", "--run-name", "r",

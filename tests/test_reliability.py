@@ -38,6 +38,7 @@ def tensorboard_steps(out):
     return steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tensorflow", "torch"])
 def test_sigkill_mid_epoch_then_resume(cifar_dir, tmp_path, backend):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
@@ -114,6 +115,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert not glob.glob(str(tmp_path / ".tmp-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
 def test_nan_loss_stops_with_the_epoch_and_last_checkpoint(cifar_dir, tmp_path, backend):
     """The async-safe NaN stop (training.StopOnNaN): on JAX its check runs on Keras's worker thread."""
@@ -128,6 +130,7 @@ def test_nan_loss_stops_with_the_epoch_and_last_checkpoint(cifar_dir, tmp_path, 
     assert not os.path.exists(tmp_path / "checkpoints" / f"{RUN}.h5")
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_configuration(cifar_dir, tmp_path):
     first = run_script("train_resnet32.py", *tiny_run(cifar_dir, tmp_path, "--epochs", "1"))
     assert first.returncode == 0, first.stderr[-2000:]
@@ -159,6 +162,7 @@ print("STEPS", len(seen), training.MAX_UNCHECKED_EXECUTIONS, model.stop_training
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_nan_stops_the_epoch_within_the_bound(backend):
     """Inside one fit() of 100 steps, the loss turns NaN at the second step (the first update, at a learning

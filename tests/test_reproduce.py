@@ -13,6 +13,8 @@ import pytest
 
 from conftest import ROOT, assert_refused, run_script
 
+pytestmark = pytest.mark.slow  # whole training runs on clusters or sweeps: the full suite only
+
 EXPERIMENT = """
 title = "tiny units"
 paper = "a test"
@@ -136,6 +138,7 @@ DRIVER = """
 import json, os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 from resnet_cifar import sweep_jobs
+
 command, files = json.loads(sys.argv[2]), json.loads(sys.argv[3])
 job = sweep_jobs.TrainingJob(command, files, 3)
 

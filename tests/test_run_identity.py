@@ -17,8 +17,8 @@ import pytest
 
 import train_resnet32
 from cifar_fixture import write_cifar
-from conftest import (NO_TENSORFLOW, ROOT, free_ports, history_rows, parse, run_script, start_script,
-                      wait_until)
+from conftest import (NO_TENSORFLOW, ROOT, final_fields, free_ports, history_rows, parse, run_script,
+                      start_script, wait_until)
 
 RUN = "r"
 
@@ -123,6 +123,7 @@ REFUSALS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, change, words", REFUSALS, ids=[" ".join(e) or "same name" for e, _, _ in REFUSALS])
 def test_refusals_leave_every_file_byte_identical(cifar_dir, run_copy, extra, change, words):
     if change:
@@ -246,6 +247,7 @@ def test_the_model_file_check_reads_a_bounded_amount(finished, tmp_path):
         checkpoints.check_model_file(str(path))
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_stops_at_once(cifar_dir, tmp_path):
     first = start_script("train_resnet32.py", *tiny(cifar_dir, tmp_path, "--seed", "0", epochs=4))
     wait_until(first, (tmp_path / "checkpoints" / f"{RUN}.csv").exists)
@@ -262,6 +264,7 @@ def test_a_second_process_on_the_same_run_stops_at_once(cifar_dir, tmp_path):
     assert len(os.listdir(tmp_path / "logs" / RUN / "train")) == 1
 
 
+@pytest.mark.slow
 def test_overwrite_starts_over(cifar_dir, run_copy):
     result = run_script("train_resnet32.py", *tiny(cifar_dir, run_copy, "--overwrite", "--seed", "3"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -269,6 +272,7 @@ def test_overwrite_starts_over(cifar_dir, run_copy):
     assert len(history(run_copy)) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
 def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(cifar_dir, tmp_path, signum):
     """SIGTERM (or SLURM's warnings SIGUSR1, SIGUSR2) in the middle of epoch 2 of 3: one line naming the --resume
@@ -352,6 +356,7 @@ def test_a_full_checkpoint_dir_is_refused_before_training(cifar_dir, small_disk)
     refused(result, 2, "is full", "MB free")
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_the_run_ends_it_in_one_line(cifar_dir, small_disk):
     """The disk fills after epoch 1: exit 1, one line naming the folder and the free space, and the state
     saved after epoch 1 still loads."""
@@ -395,3 +400,23 @@ def test_a_lost_jax_worker_ends_the_other_in_one_line(cifar_dir, tmp_path):
     _, stderr = processes[0].communicate(timeout=300)
     refused(types.SimpleNamespace(returncode=processes[0].returncode, stderr=stderr), 1, "training failed")
     assert history_rows(csv_path) < 50  # it ended early, on the loss of its peer
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_continues_the_run_saved_with_fewer(cifar_dir, tmp_path):
+    """The default run name holds --epochs (_e2): `--epochs 3 --resume` after a finished 2-epoch run trains
+    exactly epoch 3, in that run's files, and says so."""
+    common = ["--data-dir", cifar_dir, "--stack-n", "1", "--batch-size", "32", "--log-dir", tmp_path / "logs",
+              "--checkpoint-dir", tmp_path / "checkpoints", "--verbose", "2"]
+    first = run_script("train_resnet32.py", *common, "--epochs", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    name = final_fields(first.stdout)["run"]
+    assert "_e2" in name
+    before = (tmp_path / "checkpoints" / f"{name}.csv").read_text().splitlines()
+    more = run_script("train_resnet32.py", *common, "--epochs", "3", "--resume")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert f"resuming run {name} (saved with other --epochs) to 3 epochs" in more.stdout
+    assert "Epoch 3/3" in more.stdout and "Epoch 1/3" not in more.stdout and "Epoch 2/3" not in more.stdout
+    after = (tmp_path / "checkpoints" / f"{name}.csv").read_text().splitlines()
+    assert after[:3] == before and len(after) == 4 and after[3].startswith("2,")
+    assert not list((tmp_path / "checkpoints").glob("*_e3.*"))  # no second run started

@@ -65,6 +65,7 @@ def test_not_a_model_file(cifar_dir, tmp_path):
     assert_refused(run_script("train_resnet32.py", "--data-dir", cifar_dir, "--evaluate", other), ".h5 or .keras")
 
 
+@pytest.mark.slow
 def test_every_network_of_the_project_passes_the_check(tmp_path):
     """The check refuses nothing this project saves (every layer kind, mixed precision included)."""
     import train_resnet_v2

@@ -60,6 +60,7 @@ def test_quiet_start(trained):
     assert result.stderr.strip() == "", result.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_steps_per_execution_gives_the_same_history(cifar_dir, tmp_path, backend):
     """Four steps per compiled call (10 steps an epoch: 4 + 4 + 2) train like one: on TensorFlow Keras's
@@ -161,6 +162,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch"])  # JAX's runs are the same code path (and run TensorFlow-blocked)
 def test_no_tensorflow_import_on_other_backends(cifar_dir, tmp_path, backend):
     """With TensorFlow installed (not blocked), a PyTorch run and --evaluate of its .h5 and .keras never
