@@ -344,6 +344,7 @@ MODES = {"model": bench_models, "overhead": overhead, "versus-article": versus_a
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: bench.py MODE ... (MODE: {', '.join(MODES)}; bench.py MODE --help for its options)\n")
         print(__doc__)
         return
     with one_line_usage_errors("bench.py"):

@@ -279,16 +279,20 @@ def release_activations(model):
 # of the framework's start on a 2-core AMD EPYC (docs/performance.md), for modules a training run never
 # uses. Each is imported there under `try: ... except ImportError`, so devices.configure_backend imports Keras
 # with them refused (JAX only when it is not the backend); afterwards they import normally. Keras's image
-# gallery plot and TensorFlow Lite's JAX conversion stay off in this process. Remove when Keras and TensorFlow
-# import them lazily (`python -X importtime -c "import keras"` then lists none of them).
-UNUSED_AT_IMPORT = ("matplotlib", "IPython", "jax")
+# gallery plot and TensorFlow Lite's JAX conversion stay off in this process. TensorFlow 2.21 also imports its
+# legacy tf.keras, which tries scipy.sparse (0.29 s; `python -X importtime`) under `try`, for an input type
+# this project never uses: refused likewise (requests, 0.08 s, is imported elsewhere without one). Remove when Keras and
+# TensorFlow import them lazily (`python -X importtime -c "import keras"` then lists none of them).
+UNUSED_AT_IMPORT = ("matplotlib", "IPython", "jax", "scipy")
+NEEDED_BY = {"jax": ("jax",), "scipy": ("jax", "torch")}  # JAX imports scipy itself: refused on TensorFlow only
 
 
 @contextlib.contextmanager
 def without_unused_imports(backend, plain=False):
-    """Within: importing UNUSED_AT_IMPORT (less the backend itself) raises ImportError, unless already imported."""
-    refused = [name for name in UNUSED_AT_IMPORT if name != backend and name not in sys.modules
-               and not plain]
+    """Within: importing UNUSED_AT_IMPORT (less what the backend needs) raises ImportError, unless already
+    imported."""
+    refused = [name for name in UNUSED_AT_IMPORT if backend not in NEEDED_BY.get(name, ())
+               and name not in sys.modules and not plain]
     for name in refused:
         sys.modules[name] = None
     try:

@@ -89,3 +89,14 @@ def test_every_family_script_defines_its_family():
     for script in families.SCRIPTS:
         family = families.load(script)
         assert isinstance(family, families.Family) and family.description.startswith(("Train", "Compare")), script
+
+
+def test_every_entry_point_answers_help():
+    """Each script and tool prints its help and exits 0 (bench.py with and without a mode)."""
+    from conftest import run_script
+    from resnet_cifar import families
+    for argv in [[script, "--help"] for script in families.SCRIPTS] + [
+            ["reproduce.py", "--help"], ["compare.py", "--help"], ["bench.py", "--help"], ["bench.py"],
+            ["bench.py", "profile", "--help"], ["bench.py", "versus-checkout", "--help"]]:
+        result = run_script(*argv)
+        assert result.returncode == 0 and "usage" in (result.stdout + result.stderr).lower(), (argv, result.stderr)
