@@ -13,6 +13,7 @@ Import-safe: the frameworks are imported inside the functions.
 6. release_activations   a functional model on PyTorch holds every layer's output until its forward pass ends.
 7. without_unused_imports  importing Keras imports matplotlib, IPython and (through TensorFlow) JAX if installed.
 8. resolve_jit_compile   RandomTranslation (in model files of earlier versions) turns XLA off, on JAX too.
+9. cache_saving_skipsets  Keras's saving rebuilds reference objects for every object it walks (a cache key typo).
 """
 import contextlib
 import functools
@@ -163,16 +164,47 @@ def fused_momentum_update(optimizer):
 # variables is traced again (TensorFlow's rule for variable creation): the whole step, forward and backward,
 # traced twice before the first step runs, and --evaluate's evaluation step likewise (Keras 3.15.1,
 # TensorFlow 2.21.0).
-# Built here from symbolic batches with Keras's own _symbolic_build, as Keras does under a strategy; one trace
-# each (tests/test_fast_path.py counts them). Remove when Keras builds the metrics before tracing on TensorFlow
-# (that test's count is then 1 without this).
+# Built here from symbolic batches, as Keras's own _symbolic_build does under a strategy; one trace each
+# (tests/test_fast_path.py counts them). _symbolic_build first traces the whole forward pass in a scratch graph
+# for the output's shape (0.24 of compile_model's 0.53 s for ResNet-32, 2-core AMD EPYC), which a functional model already
+# knows: here the metrics and the loss are built from the model's own output, then the optimizer, as
+# _symbolic_build does (Keras 3.15.1, trainers/trainer.py). Remove when Keras builds the metrics before tracing
+# on TensorFlow (that test's count is then 1 without this).
 def build_before_first_step(model):
     """The model's compiled metrics, loss and optimizer built before fit() or evaluate() traces a step."""
     import keras
     if keras.backend.backend() != "tensorflow" or not verified("build_before_first_step"):
         return
-    image = keras.KerasTensor((None, *model.input_shape[1:]), "uint8")
-    model._symbolic_build(data_batch=(image, keras.KerasTensor((None,), "int32")))
+    from keras.src import backend
+    x = keras.KerasTensor((None, *model.input_shape[1:]), "uint8")
+    y = keras.KerasTensor((None,), "int32")
+    if not isinstance(model, keras.Model) or len(getattr(model, "outputs", None) or ()) != 1:
+        model._symbolic_build(data_batch=(x, y))
+        return
+    y_pred = keras.KerasTensor((None, *model.outputs[0].shape[1:]), model.outputs[0].dtype)
+    if model._compile_metrics is not None and not model._compile_metrics.built:
+        backend.compute_output_spec(model.compute_metrics, x, y, y_pred, sample_weight=None)
+    if model._compile_loss is not None and not model._compile_loss.built:
+        backend.compute_output_spec(model._compute_loss, x, y, y_pred, sample_weight=None, training=False)
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model._post_build()
+
+
+# 9. Keras's saving code (keras/src/saving/saving_lib.py, get_attr_skipset, Keras 3.15.1) caches the attribute
+# names it skips per object type under one key ("saving_attr_skipset_...") and looks them up under another
+# ("saving_attr_skiplist_..."): every save builds reference Layer, Operation and Optimizer objects again for
+# every object it walks, 28 % of a ResNet-32 save_weights (py-spy). Here the lookup key is filled once with
+# Keras's own sets: the same files. Remove when Keras reads the key it writes.
+def cache_saving_skipsets():
+    if not verified("cache_saving_skipsets"):
+        return
+    from keras.src.backend.common import global_state
+    from keras.src.saving import saving_lib
+    for obj_type in ("Operation", "Layer", "Functional", "Sequential", "Metric", "Optimizer", "Loss"):
+        key = f"saving_attr_skiplist_{obj_type}"
+        if global_state.get_global_attribute(key, None) is None:
+            global_state.set_global_attribute(key, saving_lib.get_attr_skipset(obj_type))
 
 
 # 5. Given arrays on TensorFlow, Keras builds a tf.data pipeline that autotunes, and destroying it at the end
