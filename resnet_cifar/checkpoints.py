@@ -60,8 +60,8 @@ def _as_saved(model):
     """`model` as portable() would give it, without copying its weights: a FusedBatchNormalization is Keras's
     BatchNormalization with another call(), so for the save its class is Keras's (same attributes, same
     configuration), and the pad-and-crop layer's Keras equivalent stands in a twin model that shares every other
-    layer. portable()'s whole copy created and initialized every variable again: 0.6 of a ResNet-32 run's 7 s
-    outside its epochs (docs/performance.md). The classes are restored on the way out."""
+    layer. (portable()'s whole copy created and initialized every variable again: docs/performance.md, "A run's
+    fixed cost".) The classes are restored on the way out."""
     import warnings
 
     import keras

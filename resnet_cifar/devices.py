@@ -18,10 +18,8 @@ from .speedups import cache_saving_skipsets, without_unused_imports
 BACKENDS = ("tensorflow", "jax", "torch")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # "auto" or a Keras dtype policy
 # --steps-per-execution auto: Keras compile(steps_per_execution=) where the backend allows more than one
-# (workarounds.steps_per_execution_limit). Measured (docs/performance.md): ResNet-20, batch 128, 16 vs 1 step:
-# H100 + JAX 26,099 vs 22,435 images/s; 2-core EPYC + TensorFlow 1,204 vs 1,178. Framework time per step
-# (bench.py overhead, batch 8, us at 1 / 4 / 16 / 64): EPYC + TensorFlow 508 / 251 / 160 / 138, EPYC + JAX
-# 107 / 37 / 22 / 14; batch 128: H100 + JAX 1,360 / 819 / 691 / 599.
+# (workarounds.steps_per_execution_limit): the host then pays its per-step work once per 16 steps, which on a GPU
+# was most of a small network's step; beyond 16 the gain was small (bench.py overhead; docs/performance.md).
 STEPS_PER_EXECUTION = 16
 
 
@@ -200,8 +198,8 @@ def configure_backend(precision="float32", cpu_devices=None, collective_timeout=
 
 def fast_exit(code=0):
     """Ends a finished run's process without the interpreter's teardown: every file is closed by then, and
-    unloading TensorFlow's modules and threads took 1-1.5 s of a short run and wrote nothing (2-core AMD EPYC,
-    TensorFlow 2.21; docs/performance.md). The atexit handlers still run, and the output is flushed."""
+    unloading TensorFlow's modules and threads is a measurable part of a short run and writes nothing
+    (docs/performance.md, "A run's fixed cost"). The atexit handlers still run, and the output is flushed."""
     import atexit
     atexit._run_exitfuncs()
     sys.stdout.flush()

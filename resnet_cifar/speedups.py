@@ -26,7 +26,7 @@ from .workarounds import verified
 
 # 1. Keras's JAX trainer runs an execution of N steps as a Python loop that dispatches the compiled step once
 # per batch, so the host still pays a dispatch of the whole training state (every weight, BN statistic,
-# momentum and metric) per step: 107 vs 22 us per step at N = 16 (bench.py overhead, 2-core EPYC). Here the
+# momentum and metric) per step (bench.py overhead: docs/performance.md). Here the
 # N steps are one XLA program (jax.lax.scan over the N batches, stacked on the device). Keras's fit() uses a
 # train_function that is already set; compile() resets it. Remove when Keras's JAX trainer scans the steps
 # of one execution itself.
@@ -66,9 +66,9 @@ def fuse_steps(model):
 
 # 2. Keras 3 computes BatchNormalization from separate ops (moments, then the normalization: a dozen passes
 # over memory with the backward pass); on TensorFlow's CPU the fused kernel tf.keras used (FusedBatchNormV3)
-# trains ResNet-32 1.35x faster in float32 (docs/performance.md). Same weights, names and numbers to float
-# rounding (tests/test_fast_path.py); checkpoints are written with Keras's own class (with_batch_normalization),
-# so they load without this code (checkpoints.portable). Remove when Keras's TensorFlow backend calls the fused kernel itself.
+# trains ResNet-32 markedly faster (docs/performance.md). Same weights, names and numbers to float
+# rounding (tests/test_fast_path.py); checkpoints are written with Keras's own class (checkpoints.save_model),
+# so they load without this code. Remove when Keras's TensorFlow backend calls the fused kernel itself.
 @functools.cache
 def batch_normalization_class():
     """keras.layers.BatchNormalization, or on TensorFlow without a GPU its fused twin."""
@@ -132,7 +132,7 @@ def _fused_batch_normalization_class():
 
 
 # 3. Keras's SGD updates each variable with eleven Keras operations with Nesterov momentum, eight without
-# (keras/src/optimizers/sgd.py, Keras 3.15.1), whose Python dtype logic made the optimizer 30 % of the time
+# (keras/src/optimizers/sgd.py, Keras 3.15.1), whose Python dtype logic made the optimizer a large part of the time
 # TensorFlow takes to trace ResNet-32's training step (py-spy, docs/performance.md). On TensorFlow without a
 # distribution strategy each update is instead TensorFlow's one kernel for exactly that arithmetic
 # (ResourceApplyKerasMomentum: accum = accum * momentum - grad * lr; var += accum, or with Nesterov var += accum *
@@ -166,8 +166,8 @@ def fused_momentum_update(optimizer):
 # TensorFlow 2.21.0).
 # Built here from symbolic batches, as Keras's own _symbolic_build does under a strategy; one trace each
 # (tests/test_fast_path.py counts them). _symbolic_build first traces the whole forward pass in a scratch graph
-# for the output's shape (0.24 of compile_model's 0.53 s for ResNet-32, 2-core AMD EPYC), which a functional model already
-# knows: here the metrics and the loss are built from the model's own output, then the optimizer, as
+# for the output's shape (about half of compile_model's time: docs/performance.md), which a functional
+# model already knows: here the metrics and the loss are built from the model's own output, then the optimizer, as
 # _symbolic_build does (Keras 3.15.1, trainers/trainer.py). Remove when Keras builds the metrics before tracing
 # on TensorFlow (that test's count is then 1 without this).
 def build_before_first_step(model):
@@ -194,7 +194,7 @@ def build_before_first_step(model):
 # 9. Keras's saving code (keras/src/saving/saving_lib.py, get_attr_skipset, Keras 3.15.1) caches the attribute
 # names it skips per object type under one key ("saving_attr_skipset_...") and looks them up under another
 # ("saving_attr_skiplist_..."): every save builds reference Layer, Operation and Optimizer objects again for
-# every object it walks, 28 % of a ResNet-32 save_weights (py-spy). Here the lookup key is filled once with
+# every object it walks, a large part of every save_weights (py-spy). Here the lookup key is filled once with
 # Keras's own sets: the same files. Remove when Keras reads the key it writes.
 def cache_saving_skipsets():
     if not verified("cache_saving_skipsets"):
@@ -307,14 +307,14 @@ def release_activations(model):
 
 
 # 7. Importing Keras imports every optional package it finds installed, whatever the backend: matplotlib.pyplot
-# (keras.src.visualization), IPython (keras.src.saving.file_editor) and, through TensorFlow's tf.lite, JAX: 1.2-1.7 s
-# of the framework's start on a 2-core AMD EPYC (docs/performance.md), for modules a training run never
-# uses. Each is imported there under `try: ... except ImportError`, so devices.configure_backend imports Keras
-# with them refused (JAX only when it is not the backend); afterwards they import normally. Keras's image
+# (keras.src.visualization), IPython (keras.src.saving.file_editor) and, through TensorFlow's tf.lite, JAX:
+# a second or more of the framework's start (docs/performance.md), for modules a training run never uses.
+# Each is imported there under `try: ... except ImportError`, so devices.configure_backend imports Keras with
+# them refused (JAX only when it is not the backend); afterwards they import normally. Keras's image
 # gallery plot and TensorFlow Lite's JAX conversion stay off in this process. TensorFlow 2.21 also imports its
-# legacy tf.keras, which tries scipy.sparse (0.29 s; `python -X importtime`) under `try`, for an input type
-# this project never uses: refused likewise (requests, 0.08 s, is imported elsewhere without one). Remove when Keras and
-# TensorFlow import them lazily (`python -X importtime -c "import keras"` then lists none of them).
+# legacy tf.keras, which tries scipy.sparse (`python -X importtime`) under `try`, for an input type this
+# project never uses: refused likewise (requests is imported elsewhere without a `try`: kept). Remove when
+# Keras and TensorFlow import them lazily (`python -X importtime -c "import keras"` then lists none of them).
 UNUSED_AT_IMPORT = ("matplotlib", "IPython", "jax", "scipy")
 NEEDED_BY = {"jax": ("jax",), "scipy": ("jax", "torch")}  # JAX imports scipy itself: refused on TensorFlow only
 
@@ -337,14 +337,14 @@ def without_unused_imports(backend, plain=False):
 
 # 8. Keras's RandomTranslation declares supports_jit=False, for TensorFlow's sake (XLA has no kernel for its
 # ImageProjectiveTransformV3: "tf2xla conversion failed"), and Keras's jit_compile="auto" then turns XLA off for
-# the whole model on every backend: JAX ran the step op by op (ResNet-20 on a 2-core EPYC: 218 vs 384 images/s
-# with XLA). The networks now augment with augmentation.PadAndCrop, but model files of earlier versions hold a
+# the whole model on every backend: JAX ran the step op by op, markedly slower than with XLA. The networks now
+# augment with augmentation.PadAndCrop, but model files of earlier versions hold a
 # RandomTranslation: on JAX, whose translation (map_coordinates) compiles, the flag is set on the instance (never
 # saved). Remove when no such file needs evaluating, or when Keras decides supports_jit per backend.
 def resolve_jit_compile(model, jit_compile="auto"):
     """XLA for the training step. "auto": on under JAX; on TensorFlow where a GPU is visible (Keras's own rule)
-    unless the model holds a RandomTranslation, off on its CPU (XLA's CPU convolutions trained ResNet-32 at 0.59x
-    the speed: docs/performance.md); off on PyTorch."""
+    unless the model holds a RandomTranslation, off on its CPU (XLA's CPU convolutions trained ResNet-32 slower:
+    docs/performance.md); off on PyTorch."""
     import keras
     backend = keras.backend.backend()
     translations = [layer for layer in model.layers if isinstance(layer, keras.layers.RandomTranslation)]

@@ -216,6 +216,7 @@ def test_broken_data_files(tmp_path, kind, words):
     result = run_script("train_resnet32.py", *tiny(data, tmp_path / "out"))
     refused(result, 2, *words)
     assert snapshot(data) == before and not written(tmp_path / "out")
+    assert not (tmp_path / "out" / "logs" / RUN).exists()  # no empty log folder for compare.py to trip on
 
 
 def test_a_model_file_with_an_activation_object_is_refused(finished, cifar_dir, tmp_path):
