@@ -244,3 +244,23 @@ def test_live_bytes_count_the_widest_moment_not_every_layer(script, argv):
     unit_output = 4 * 32 * 32 * 16
     live = speedups.live_bytes_per_image(model)
     assert 2 * unit_output <= live <= 6 * unit_output < every_layer / 4
+
+
+def test_a_patch_outside_its_verified_versions_is_skipped_with_one_line(monkeypatch, capsys):
+    """workarounds.verified: a Keras outside VERIFIED skips the entry (the stock path runs), one line once."""
+    from resnet_cifar import workarounds
+    workarounds.verified.cache_clear()
+    monkeypatch.setitem(workarounds.VERIFIED, "keras", ((9, 0), (9, 1)))
+    try:
+        assert workarounds.verified("fuse_steps") is False
+        assert workarounds.verified("fuse_steps") is False
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "fuse_steps skipped" in lines[0] and keras.__version__ in lines[0], lines
+        if keras.backend.backend() == "tensorflow":  # and the patch is not applied: Keras's own class
+            speedups.batch_normalization_class.cache_clear()
+            assert speedups.batch_normalization_class() is keras.layers.BatchNormalization
+    finally:
+        monkeypatch.undo()
+        workarounds.verified.cache_clear()
+        speedups.batch_normalization_class.cache_clear()
+    assert workarounds.verified("fuse_steps") is True
