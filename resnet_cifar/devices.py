@@ -13,7 +13,7 @@ import tempfile
 
 from .errors import UsageError
 from .workarounds import RECURSION_LIMIT, steps_per_execution_limit
-from .speedups import cache_saving_skipsets, without_unused_imports
+from .speedups import without_unused_imports
 
 BACKENDS = ("tensorflow", "jax", "torch")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # "auto" or a Keras dtype policy
@@ -190,8 +190,6 @@ def configure_backend(precision="float32", cpu_devices=None, collective_timeout=
                                    ).strip()
     keras = quiet_start(lambda: _start_framework(cpu_devices, plain))
     keras.mixed_precision.set_global_policy(resolve_precision(precision, keras.backend.backend()))
-    if not plain:
-        cache_saving_skipsets()
     sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     return keras.backend.backend()
 

@@ -69,8 +69,8 @@ def compile_model(model, lr_schedule, steps_per_epoch, steps_per_execution, jit_
     plain=True (--plain-keras) without the speed patches of speedups.py."""
     import keras
 
-    from .speedups import (build_before_first_step, fuse_steps, fused_momentum_update, release_activations,
-                           resolve_jit_compile)
+    from .speedups import (build_before_first_step, cache_saving_skipsets, fuse_steps, fused_momentum_update,
+                           release_activations, resolve_jit_compile)
     if len(lr_schedule) == 1:
         learning_rate = lr_schedule[0][1]
     else:
@@ -89,6 +89,8 @@ def compile_model(model, lr_schedule, steps_per_epoch, steps_per_execution, jit_
         fuse_steps(model)
         release_activations(model)
         build_before_first_step(model)
+        cache_saving_skipsets()  # here, not at the start: it creates variables, which would fix TensorFlow's
+        # context before MultiWorkerMirroredStrategy configures its collectives
 
 
 def image_input():
