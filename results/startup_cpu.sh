@@ -4,6 +4,8 @@
 # this checkout's profile_epoch.py (`--fixed-only`: process start to the first step done), ROUNDS rounds
 # alternated. One PROFILE line per run; run on an idle machine.
 #   bash results/startup_cpu.sh DATA_DIR [ROUNDS]     # DATA_DIR holds cifar-10-batches-py/
+# It needs a checkout of the root-module layout (profile_epoch.py at the root, up to 8d31f8f); since the
+# resnet_cifar package, `python bench.py versus-checkout DATA_DIR OTHER_CHECKOUT` compares whole runs instead.
 # OLD_PYTHONPATH (optional): a folder put first on the two older commits' PYTHONPATH, holding what their
 # requirements install and this checkout's do not: ml_dtypes 0.7.0 (requirements.txt excludes it), e.g.
 #   pip download --no-deps ml_dtypes==0.7.0 -d W && python -m zipfile -e W/ml_dtypes-0.7.0-*.whl OLD
