@@ -31,23 +31,16 @@ RESUME_KEYS = ("model", "params", "dataset", "train_images", "batch_size", "seed
                "weight_decay", "val_split")
 
 
-def portable(model):
-    """`model` with Keras's own layer classes only: Keras's BatchNormalization for the fused one
-    (speedups.batch_normalization_class), the equivalent RandomTranslation for the pad-and-crop layer."""
-    import keras
-    keras_class = batch_normalization_as(keras.layers.BatchNormalization)
-    return with_layers(model, lambda layer: keras_class(layer) or standard_layer(layer))
-
-
 def as_trained(model):
-    """A loaded model with the layer classes training runs (portable's inverse): same numbers, same kernels."""
+    """A loaded model with the layer classes training runs (the inverse of what save_model writes): same numbers,
+    same kernels."""
     training_class = batch_normalization_as(batch_normalization_class())
     return with_layers(model, lambda layer: training_class(layer) or training_layer(layer))
 
 
 def save_model(model, *paths):
     """The whole model, at each path in the format its ending names (.h5, .keras), each written atomically,
-    with Keras's own layer classes (as portable gives them): it loads with plain keras.models.load_model,
+    with Keras's own layer classes (_as_saved): it loads with plain keras.models.load_model,
     without this project's code."""
     with _as_saved(model) as saved:
         with without_tensorflow():
@@ -57,11 +50,11 @@ def save_model(model, *paths):
 
 @contextlib.contextmanager
 def _as_saved(model):
-    """`model` as portable() would give it, without copying its weights: a FusedBatchNormalization is Keras's
-    BatchNormalization with another call(), so for the save its class is Keras's (same attributes, same
-    configuration), and the pad-and-crop layer's Keras equivalent stands in a twin model that shares every other
-    layer. (portable()'s whole copy created and initialized every variable again: docs/performance.md, "A run's
-    fixed cost".) The classes are restored on the way out."""
+    """`model` with Keras's own layer classes only, without copying its weights: a FusedBatchNormalization is
+    Keras's BatchNormalization with another call(), so for the save its class is Keras's (same attributes, same
+    configuration), and the pad-and-crop layer's Keras equivalent (augmentation.standard_layer) stands in a twin
+    model that shares every other layer. (A whole copy would create and initialize every variable again:
+    docs/performance.md, "A run's fixed cost".) The classes are restored on the way out."""
     import warnings
 
     import keras
@@ -75,7 +68,7 @@ def _as_saved(model):
         if all(new is None for new in standard.values()):
             yield model
             return
-        with without_tensorflow(), warnings.catch_warnings():  # (the warning: units.with_layers)
+        with without_tensorflow(), warnings.catch_warnings():  # the copy is saved, never trained
             warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
             yield keras.models.clone_model(model, clone_function=lambda layer: standard[layer.name] or layer)
     finally:

@@ -161,8 +161,8 @@ def with_layers(model, replace):
     def clone(layer):
         return replacements[layer.name] or layer.__class__.from_config(layer.get_config())
     # Cloning serializes every layer's configuration (without_tensorflow), and clone_model compiles the copy
-    # with the model's own compile configuration: a copy holding a RandomTranslation (checkpoints.portable) cannot
-    # take JAX's jit_compile=True, which Keras says in a warning. That copy is saved, never trained.
+    # with the model's own compile configuration: a copy holding a RandomTranslation (a model file's, kept) cannot
+    # take JAX's jit_compile=True, which Keras says in a warning; speedups.resolve_jit_compile decides for it.
     with without_tensorflow(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
         copy = keras.models.clone_model(model, clone_function=clone)
