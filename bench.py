@@ -108,11 +108,11 @@ def prepare(build, family_config, batch_size, precision, jit_compile, batch_norm
     backend = configure_backend(precision)
     config = dataclasses.replace(family_config, batch_size=batch_size, precision=resolve_precision(precision, backend),
                                  steps_per_execution=resolve_steps_per_execution(spe, backend))
-    model = build(config, DATASETS[config.dataset].classes)
+    model = recipe.with_options(build(config, DATASETS[config.dataset].classes), config)  # the flags' options too
     if batch_norm == "keras":  # Keras's own BatchNormalization instead of the fused one used on TensorFlow's CPU
         model = with_batch_normalization(model, keras.layers.BatchNormalization)
     norms = {type(l).__name__ for l in model.layers if isinstance(l, keras.layers.BatchNormalization)}
-    recipe.compile_model(model, config.lr_schedule, steps, config.steps_per_execution, jit_compile)
+    recipe.compile_model(model, config.lr_schedule, steps, config.steps_per_execution, jit_compile, options=config)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(max(steps, warmup) * batch_size, *IMAGE_SHAPE), dtype=np.uint8)
     y = rng.integers(0, DATASETS[config.dataset].classes, size=len(x)).astype(np.int32)

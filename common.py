@@ -31,10 +31,11 @@ from resnet_cifar import cli, distributed, runs
 from resnet_cifar.checkpoints import SavedState, as_trained, check_model_file, load_model_safely, save_model
 from resnet_cifar.cifar_data import DATASETS, find_local_data, load_data
 from resnet_cifar.devices import configure_backend, fast_exit, where_it_trains
+from resnet_cifar.evaluation import evaluation_model, use_average
 from resnet_cifar.errors import STOP_SIGNALS, Preempted, TrainingError, UsageError, one_line_usage_errors
 from resnet_cifar.outputs import (CHECKPOINT_FILES, check_free_space, check_writable_dir, final_line,
                                   no_space_message, remove_stale_temporaries, run_paths, write_text)
-from resnet_cifar.recipe import MOMENTUM, NESTEROV, compile_model
+from resnet_cifar.recipe import MOMENTUM, NESTEROV, compile_model, with_options
 from resnet_cifar.training import Run, checkpoint_bytes, eval_batch_size, fit
 from resnet_cifar.speedups import (batches, build_before_first_step, release_activations, resolve_jit_compile,
                                    stock_layers)
@@ -78,7 +79,7 @@ def _run(config, build_model):
     spec = DATASETS[config.dataset]
     if config.summary:
         configure_backend(config.precision)
-        build_model(config, spec.classes).summary()
+        with_options(build_model(config, spec.classes), config).summary()
         return
     # Fail fast: every path before any data is read or the framework is imported.
     if config.data_dir:
@@ -146,8 +147,7 @@ def _train(config, build_model, cluster, spec, paths, saved):
         signal.signal(signum, _preempt)
     with distributed.Processes(config, cluster, paths) as processes:
         writes = processes.writes
-        set_random_seed(config.seed)
-        model = build_model(config, spec.classes)
+        model = initial_model(config, build_model, spec.classes)
         if config.plain_keras:
             model = stock_layers(model)
         record = run_record(config, model, data, paths, processes.devices, cluster.processes)
@@ -163,13 +163,15 @@ def _train(config, build_model, cluster, spec, paths, saved):
             write_text(writes[key], json.dumps(record, indent=2) + "\n")
         processes.prepare(model)
         compile_model(model, config.lr_schedule, record["steps_per_epoch"], config.steps_per_execution,
-                      plain=config.plain_keras)
+                      plain=config.plain_keras, options=config)
         processes.prepare_fit(model)
         print("\n".join(where_it_trains(model, processes.devices, cluster.kind)), flush=True)
         run = Run(config, data, writes, record, cluster, processes.beat, saved)
         with processes.training():
             history, seconds, images_per_s = fit(model, run)
         processes.finish(model)
+        if config.ema:  # the final model is the average (training.fit evaluated it every epoch)
+            use_average(model)
         check_free_space(os.path.dirname(writes["h5"]) or ".", 2 * checkpoint_bytes(record["params"]))
         save_model(model, writes["h5"], writes["keras"])
     if cluster.chief:
@@ -180,6 +182,12 @@ def _train(config, build_model, cluster, spec, paths, saved):
                      test_acc=f"{last['test_accuracy']:.4f}", test_loss=f"{last['test_loss']:.4f}",
                      train_images_per_s=f"{images_per_s:.1f}", seconds=f"{seconds:.1f}",
                      devices=processes.devices))
+
+
+def initial_model(config, build_model, classes):
+    """The family's network with today's options (recipe.with_options), its weights drawn from --init-seed."""
+    set_random_seed(config.init_seed)
+    return with_options(build_model(config, classes), config)
 
 
 def run_record(config, model, data, paths, devices, processes):
@@ -209,11 +217,13 @@ def _evaluate(config, spec):
         raise UsageError(f"{path} predicts {classes} classes but {spec.title} has {spec.classes} "
                          "(is --dataset right?)")
     model = as_trained(model)  # the layer classes and kernels training evaluated with
-    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=resolve_jit_compile(model))
     release_activations(model)
-    build_before_first_step(model)
+    evaluated = evaluation_model(model, config.tta) if config.tta else model
+    evaluated.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      jit_compile=resolve_jit_compile(model))
+    build_before_first_step(evaluated)
     start = time.perf_counter()
-    loss, accuracy = model.evaluate(*batches(x_test, y_test, eval_batch_size(model)), verbose=0)
+    loss, accuracy = evaluated.evaluate(*batches(x_test, y_test, eval_batch_size(model)), verbose=0)
     seconds = time.perf_counter() - start
     saved = os.path.splitext(path)[0] + ".json"
     epochs = 0

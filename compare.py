@@ -13,7 +13,6 @@ best, which peeks at the test set. Runs that differ only in their seed are also 
 mean ± sample std, median, min-max of the final test accuracy), as reproduce.py's tables do.
 """
 import argparse
-import csv
 import json
 import os
 
@@ -36,8 +35,7 @@ def load_run(run, log_dir):
         if os.path.isfile(config_path):  # the article recipe's history comes without one
             with open(config_path) as f:
                 config = json.load(f)
-        with open(os.path.join(folder, "history.csv")) as f:
-            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = statistics.read_history(os.path.join(folder, "history.csv"))
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot read run {folder}: {error} (is it a training run's log folder?)") from None
     if not rows:

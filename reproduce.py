@@ -8,7 +8,7 @@ with its statistics beside the published figures, and a figure of the mean curve
     python reproduce.py EXPERIMENT --print | parallel -j 4     # one command per line, for any scheduler
 
 Flags after `--` go to every run (they come after the row's own flags, so they win). Each run is the family
-script itself with --seed, --run-name (the script's own default name: model, dataset and what differs), and
+script itself with --seed (with --vary init or data: --init-seed or --data-seed, the other part held), --run-name (the script's own default name: model, dataset and what differs), and
 --log-dir/--checkpoint-dir under --out (default sweeps/<experiment>/). Every row's flags are checked by its
 script's own parser before the first run starts.
 
@@ -84,13 +84,26 @@ def load_experiment(path):
     return experiment
 
 
+VARY = {"both": "the seed (initialization, data order and augmentation)",
+        "init": "the initialization only (--init-seed; --data-seed held at the first seed)",
+        "data": "the data order and augmentation only (--data-seed; --init-seed held at the first seed)"}
+
+
+def seed_flags(vary, seed, held):
+    """The flags that make one seed of a sweep: --seed, or with vary "init"/"data" that part of it alone, the
+    other held at `held`."""
+    if vary == "both":
+        return ["--seed", str(seed)]
+    return ["--seed", str(held), f"--{vary}-seed", str(seed)]
+
+
 class Run:
     """One (row, seed) of a sweep: its script's command, and where its files are."""
 
-    def __init__(self, row, seed, extra, out):
+    def __init__(self, row, seed, extra, out, vary="both", held=0):
         self.label, self.seed = row["label"], seed
         self.script = row["script"]
-        self.flags = [*row.get("flags", []), *extra, "--seed", str(seed),
+        self.flags = [*row.get("flags", []), *extra, *seed_flags(vary, seed, held),
                       "--log-dir", os.path.join(out, "logs"), "--checkpoint-dir", os.path.join(out, "checkpoints")]
         try:  # the script's own parser: a bad row is refused before anything starts
             config = cli.parse(self.flags, families.load(self.script))
@@ -173,6 +186,8 @@ def main(argv=None):
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", metavar="EXPERIMENT", help="an experiment file, e.g. experiments/*.toml")
     parser.add_argument("--seeds", type=parse_seeds, help="e.g. 0-4 or 0,2,5 (default: the file's seeds)")
+    parser.add_argument("--vary", choices=sorted(VARY), default="both",
+                        help="what the seeds vary: " + "; ".join(f"{k}: {v}" for k, v in VARY.items()))
     parser.add_argument("--out", metavar="DIR", help="where the runs' logs/ and checkpoints/ go "
                                                      "(default sweeps/<experiment>)")
     parser.add_argument("--executor", choices=("local", "slurm"), default="local")
@@ -197,8 +212,8 @@ def main(argv=None):
             name = os.path.splitext(os.path.basename(args.experiment))[0]
             out = args.out or os.path.join("sweeps", name)
             # seed by seed, every row each time: a sweep stopped part-way has every row at the same number of seeds
-            runs = [Run(row, seed, extra, out)
-                    for seed in (args.seeds or experiment["seeds"]) for row in experiment["rows"]]
+            seeds = args.seeds or experiment["seeds"]
+            runs = [Run(row, seed, extra, out, args.vary, seeds[0]) for seed in seeds for row in experiment["rows"]]
             if len({r.name for r in runs}) < len(runs):
                 raise UsageError("two rows of the experiment give the same run (same script and flags): "
                                  "make them differ")
@@ -222,7 +237,8 @@ def main(argv=None):
             sys.exit(130)
     rows = table(experiment, runs)
     text = (f"{experiment['title']} ({experiment.get('paper', '')}, {experiment.get('table', '')})\n\n"
-            + statistics.markdown_table(rows) + "\n\n" + f"Final (last-epoch) test accuracy over seeds; published: "
+            + statistics.markdown_table(rows) + "\n\n" + f"Final (last-epoch) test accuracy over seeds of "
+            f"{VARY[args.vary]}; published: "
             f"{experiment.get('published', {}).get('statistic', 'as printed')}.\n")
     print("\n" + text)
     write_text(os.path.join(out, "table.md"), text)

@@ -1,4 +1,7 @@
-"""The paper's translation augmentation as a layer: pad every side with zeros, then take a random crop of the
+"""The per-image augmentation layers: the papers' pad-and-crop and, as an option, Cutout (DeVries & Taylor 2017).
+Each is the identity at inference and draws from its own SeedGenerator (training.reseed_augmentation).
+
+The paper's translation augmentation: pad every side with zeros, then take a random crop of the
 original size, each image its own offset (He et al. 2015, §4.2: "4 pixels are padded on each side, and a 32x32
 crop is randomly sampled from the padded image"). With 4 pixels, each of the 9 x 9 offsets has probability 1/81.
 
@@ -10,6 +13,10 @@ and one gather, so it compiles under XLA on every backend, and it is exact (no a
 Saved models hold Keras's RandomTranslation with a range of padding + 0.5 pixels instead (`standard_layer`):
 with nearest interpolation it draws the same 81 offsets with the same probabilities (tests/test_augmentation.py),
 is the identity at inference like this layer, and loads with plain keras.models.load_model.
+
+Cutout: Keras's RandomErasing draws a rectangle of random area and aspect ratio inside the image; the paper's
+is a fixed square whose centre may lie anywhere, so that near the border only part of it is cut. Saved models
+hold Keras's Identity in its place.
 Import-safe: Keras is imported inside the functions.
 """
 import functools
@@ -60,11 +67,64 @@ def pad_and_crop(padding, name):
     return pad_and_crop_class()(padding, name=name)
 
 
+@functools.cache
+def cutout_class():
+    import keras
+    from keras import ops
+
+    @keras.saving.register_keras_serializable(package="resnet_cifar")
+    class Cutout(keras.layers.Layer):
+        """Training only: in each image of the batch, a `size` x `size` square set to 0 (the mean pixel: the
+        layer follows the standardization, as in the paper's code), centred at a pixel drawn uniformly over the
+        whole image, each image its own, and clipped at the border (DeVries & Taylor 2017, §3: "the cutout
+        region is allowed to extend outside the image"): rows cy - size // 2 to cy + size // 2 - 1, clipped.
+        Inference: identity."""
+
+        def __init__(self, size, seed=None, **kwargs):
+            super().__init__(**kwargs)
+            self.size = size
+            self.seed = seed
+            self.generator = keras.random.SeedGenerator(seed)  # training.reseed_augmentation reseeds it
+            self.built = True
+
+        def call(self, inputs, training=None):
+            if not training:
+                return inputs
+            height, width = inputs.shape[1:3]
+            batch = ops.shape(inputs)[0]
+            centre_y = keras.random.randint((batch, 1), 0, height, dtype="int32", seed=self.generator)
+            centre_x = keras.random.randint((batch, 1), 0, width, dtype="int32", seed=self.generator)
+            half = self.size // 2
+            rows = ops.arange(height, dtype="int32")[None, :]
+            cols = ops.arange(width, dtype="int32")[None, :]
+            cut_rows = (rows >= centre_y - half) & (rows < centre_y + half)  # (batch, height)
+            cut_cols = (cols >= centre_x - half) & (cols < centre_x + half)  # (batch, width)
+            cut = cut_rows[:, :, None] & cut_cols[:, None, :]
+            return ops.where(cut[:, :, :, None], ops.zeros((), inputs.dtype), inputs)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {**super().get_config(), "size": self.size, "seed": self.seed}
+
+    return Cutout
+
+
+def cutout(size, name):
+    return cutout_class()(size, name=name)
+
+
 def standard_layer(layer):
     """What a saved model holds instead of a PadAndCrop `layer`: Keras's RandomTranslation over +-(padding
-    + 0.5) pixels, rounded to the nearest pixel and filled with zeros, i.e. the same offsets equally likely.
-    None for any other layer."""
+    + 0.5) pixels, rounded to the nearest pixel and filled with zeros, i.e. the same offsets equally likely;
+    instead of a layer that only trains (Cutout, mixing.BatchMix: the identity at inference), Keras's
+    Identity. None for any other layer."""
     import keras
+
+    from .mixing import batch_mix_class
+    if isinstance(layer, (cutout_class(), batch_mix_class())):
+        return keras.layers.Identity(name=layer.name)
     if not isinstance(layer, pad_and_crop_class()):
         return None
     height, width = layer.input.shape[1:3]

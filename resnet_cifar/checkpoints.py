@@ -29,6 +29,9 @@ from .speedups import batch_normalization_class
 # What must match for --resume to continue a run's saved state (--epochs may change: a run can be extended).
 RESUME_KEYS = ("model", "params", "dataset", "train_images", "batch_size", "seed", "precision", "lr_schedule",
                "weight_decay", "val_split")
+# ... and today's options, with what a state saved before they existed means (the seeds' parts: its seed).
+OPTION_RESUME_KEYS = {"init_seed": None, "data_seed": None, "lr_decay": "step", "warmup_epochs": 0, "cutout": None,
+                      "mixup": None, "cutmix": None, "label_smoothing": None, "ema": None, "tta": None}
 
 
 def as_trained(model):
@@ -68,9 +71,14 @@ def _as_saved(model):
         if all(new is None for new in standard.values()):
             yield model
             return
+        source = model
+        if "resnet_cifar" in json.dumps(model.get_compile_config()):
+            # today's options compile with this project's loss or warm-up: the file gets no compile
+            # configuration (plain Keras loads it uncompiled), through an uncompiled view of the same graph
+            source = keras.Model(model.inputs, model.outputs, name=model.name)
         with without_tensorflow(), warnings.catch_warnings():  # the copy is saved, never trained
             warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
-            yield keras.models.clone_model(model, clone_function=lambda layer: standard[layer.name] or layer)
+            yield keras.models.clone_model(source, clone_function=lambda layer: standard[layer.name] or layer)
     finally:
         for layer, cls in switched:
             layer.__class__ = cls
@@ -84,7 +92,8 @@ def save_state(model, path, history, config):
     def write(tmp):
         model.save_weights(tmp)
         with h5py.File(tmp, "a") as f:
-            f.attrs["resume"] = json.dumps({"history": history, **{k: config[k] for k in RESUME_KEYS}})
+            f.attrs["resume"] = json.dumps({"history": history,
+                                            **{k: config[k] for k in (*RESUME_KEYS, *OPTION_RESUME_KEYS, "epochs")}})
     atomic_write(path, write)
 
 
@@ -119,10 +128,14 @@ class SavedState:
 
     def check(self, record):
         """UsageError naming every setting of `record` (this command's) that differs from the saved state's."""
-        changed = [k for k in RESUME_KEYS if self.record[k] != record[k]]
+        saved = {**{k: self.record["seed"] if default is None and k.endswith("_seed") else default
+                    for k, default in OPTION_RESUME_KEYS.items()}, **self.record}
+        changed = [k for k in (*RESUME_KEYS, *OPTION_RESUME_KEYS) if saved[k] != record[k]]
+        if saved["lr_decay"] == record["lr_decay"] == "cosine" and record["epochs"] != saved.get("epochs"):
+            changed.append("epochs")  # a cosine schedule spans the run: another length changes every step's rate
         if changed:
             raise UsageError(f"cannot resume from {self.path}: it was saved with a different "
-                             + ", ".join(f"{k} ({self.record[k]} vs {record[k]} now)" for k in changed)
+                             + ", ".join(f"{k} ({saved.get(k)} vs {record[k]} now)" for k in changed)
                              + "; rerun with the same settings, or choose another --run-name")
 
     def restore(self, model):
@@ -147,7 +160,7 @@ class SavedState:
 # file (a Lambda, a function, another module) is refused before Keras reads the file.
 SAFE_CLASSES = frozenset({
     "Functional", "InputLayer", "Rescaling", "RandomFlip", "RandomTranslation", "Conv2D", "BatchNormalization",
-    "Activation", "Add", "Concatenate", "GlobalAveragePooling2D", "AveragePooling2D", "Flatten", "Dense",
+    "Activation", "Add", "Concatenate", "GlobalAveragePooling2D", "AveragePooling2D", "Flatten", "Dense", "Identity",
     "HeNormal", "Zeros", "Ones", "L2", "DTypePolicy", "__keras_tensor__"})
 SAFE_MODULES = frozenset({None, "keras", "keras.layers", "keras.initializers", "keras.regularizers",
                           "keras.src.models.functional"})

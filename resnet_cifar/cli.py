@@ -126,10 +126,67 @@ def run_name(text):
 
 
 def lr_schedule(text):
+    """EPOCH:LR pairs, or cosine (the default schedule's first rate as the peak), or cosine:PEAK."""
+    if text == recipe.COSINE:
+        return recipe.COSINE
+    if text.startswith(recipe.COSINE + ":"):
+        return recipe.COSINE, _positive_float(text.split(":", 1)[1])
     try:
         return recipe.parse_lr_schedule(text)
     except recipe.ScheduleError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _fraction_below_one(text):
+    value = _nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {text!r}")
+    return value
+
+
+def _decay(text):
+    value = _fraction_below_one(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (e.g. {recipe.EMA_DECAY}), got {text!r}")
+    return value
+
+
+cutout_size = _int_between(1, 32, "the square's side (the image is 32 pixels)")
+
+
+def add_recipe_options(parser):
+    """Today's options: each off unless given (docs/recipe.md)."""
+    options = parser.add_argument_group("today's recipe options (each off unless given; docs/recipe.md)")
+    options.add_argument("--cutout", type=cutout_size, metavar="SIZE",
+                         help="Cutout (DeVries & Taylor 2017): a SIZE x SIZE square of each training image set to the "
+                              "mean pixel, its centre uniform over the image, clipped at the border; the paper: "
+                              f"{recipe.CUTOUT_SIZE['cifar10']} on CIFAR-10, {recipe.CUTOUT_SIZE['cifar100']} on "
+                              "CIFAR-100")
+    options.add_argument("--mixup", type=_positive_float, metavar="ALPHA",
+                         help="mixup (Zhang et al. 2018): x = lam x_i + (1 - lam) x_j, loss = lam CE(y_i) + (1 - lam) "
+                              "CE(y_j), lam ~ Beta(ALPHA, ALPHA) per batch, j a random pairing of the batch; the "
+                              f"paper: {recipe.MIXUP_ALPHA:g} on CIFAR-10")
+    options.add_argument("--cutmix", type=_positive_float, metavar="ALPHA",
+                         help="CutMix (Yun et al. 2019): a box of side sqrt(1 - lam) x 32 from the paired image pasted "
+                              "in, lam ~ Beta(ALPHA, ALPHA) per batch, the label weight the area kept; a batch is mixed "
+                              f"with probability {recipe.CUTMIX_PROBABILITY:g} (the paper's CIFAR setting); the paper: "
+                              f"{recipe.CUTMIX_ALPHA:g}")
+    options.add_argument("--label-smoothing", type=_fraction_below_one, metavar="EPS",
+                         help="target = (1 - EPS) one_hot + EPS / classes (Szegedy et al. 2016: "
+                              f"{recipe.LABEL_SMOOTHING:g}); test_loss stays the plain cross-entropy")
+    options.add_argument("--warmup-epochs", type=_int_between(0, recipe.MAX_EPOCH, "warm-up epochs"), default=0,
+                         metavar="K",
+                         help="linear warm-up (Goyal et al. 2017: 5): lr = peak x step / (K x steps per epoch) for "
+                              "the first K epochs, then the schedule (step or cosine)")
+    options.add_argument("--ema", type=_decay, metavar="DECAY",
+                         help="evaluate, checkpoint and save the weights' exponential moving average: avg = DECAY x "
+                              f"avg + (1 - DECAY) x w after every step (Keras's optimizer EMA; e.g. {recipe.EMA_DECAY})")
+    options.add_argument("--tta", choices=("flip",),
+                         help="test-time augmentation: flip averages the softmax of each test image and its mirror")
+    options.add_argument("--init-seed", type=seed, metavar="N",
+                         help="the weights' initialization only (default: --seed)")
+    options.add_argument("--data-seed", type=seed, metavar="N",
+                         help="the data order and every augmentation draw only (default: --seed)")
 
 
 def make_parser(description, add_arguments):
@@ -152,11 +209,15 @@ def make_parser(description, add_arguments):
     train.add_argument("--batch-size", type=positive_int, default=recipe.BATCH_SIZE,
                        help="steps per epoch = floor(training images / batch size)")
     train.add_argument("--lr-schedule", type=lr_schedule, metavar="E:LR,...",
-                       help=f"step schedule: LR from epoch E on (counted from 0); default {recipe.LR_SCHEDULE}")
+                       help=f"step schedule: LR from epoch E on (counted from 0); default {recipe.LR_SCHEDULE}; or "
+                            "cosine[:PEAK] (Loshchilov & Hutter 2017): lr = PEAK x (1 + cos(pi t / T)) / 2 over the "
+                            "run's steps, PEAK the default schedule's first rate unless given")
     train.add_argument("--weight-decay", type=_nonnegative_float,
                        help=f"L2 penalty on kernels: loss += wd * sum(w^2) (default {recipe.WEIGHT_DECAY:g})")
     train.add_argument("--seed", type=seed, default=recipe.SEED,
-                       help=f"0 to {MAX_SEED}: weights, data order and augmentation all follow from it")
+                       help=f"0 to {MAX_SEED}: weights, data order and augmentation all follow from it "
+                            "(--init-seed and --data-seed override its parts)")
+    add_recipe_options(parser)
     speed = parser.add_argument_group("speed")
     speed.add_argument("--precision", choices=PRECISIONS, default="float32",
                        help="compute precision, default float32 as in the papers; mixed_* keep float32 weights, "

@@ -75,11 +75,11 @@ def profile(argv):
     lap("framework start", fixed)
     (x, y), (xt, yt), _ = load_data(config)
     lap("data", fixed)
-    model = family.build_model(config, DATASETS[config.dataset].classes)
-    lap("build", fixed)
     from . import recipe
+    model = recipe.with_options(family.build_model(config, DATASETS[config.dataset].classes), config)
+    lap("build", fixed)
     steps = len(x) // config.batch_size
-    recipe.compile_model(model, config.lr_schedule, steps, config.steps_per_execution)
+    recipe.compile_model(model, config.lr_schedule, steps, config.steps_per_execution, options=config)
     lap("compile", fixed)
     spe = model.steps_per_execution
     one = batches(x[:spe * config.batch_size], y[:spe * config.batch_size], config.batch_size)

@@ -113,11 +113,13 @@ def write_text(path, text):
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "test_loss", "test_accuracy", "learning_rate", "seconds")
 VALIDATION_FIELDS = ("val_loss", "val_accuracy")  # with --val-split; test_* is then the last epoch's only (nan before)
+EVALUATION_FIELD = "evaluation"  # with --ema / --tta: how test_* and val_* were evaluated (evaluation.describe)
 
 
 def write_history(path, history):
     out = io.StringIO()
-    fields = HISTORY_FIELDS + (VALIDATION_FIELDS if history and "val_loss" in history[0] else ())
+    fields = HISTORY_FIELDS + (VALIDATION_FIELDS if history and "val_loss" in history[0] else ()) \
+        + ((EVALUATION_FIELD,) if history and EVALUATION_FIELD in history[0] else ())
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
@@ -168,7 +170,8 @@ class ScalarLog:
 # What a run reports to TensorBoard's HPARAMS tab: the settings that tell runs of a sweep apart, and the
 # family script's own flags (RunConfig.family: depth, unit, ...).
 HPARAMS = ("model", "dataset", "seed", "epochs", "lr_schedule", "weight_decay", "precision", "batch_size",
-           "train_images", "val_split", "backend")
+           "train_images", "val_split", "backend", "init_seed", "data_seed", "lr_decay", "warmup_epochs", "cutout",
+           "mixup", "cutmix", "label_smoothing", "ema", "tta")
 
 
 def hparams_of(record, family_flags=()):

@@ -11,6 +11,7 @@ import types
 from dataclasses import dataclass, field
 
 from . import devices, recipe, runs
+from .errors import UsageError
 
 # Flags that choose what the command does rather than how a run trains: never saved.
 MODES = ("summary", "evaluate", "resume", "overwrite", "any_epochs_name")
@@ -29,6 +30,17 @@ class RunConfig:
     lr_schedule: tuple
     weight_decay: float
     seed: int
+    init_seed: int  # the weights' initialization: --init-seed, else --seed
+    data_seed: int  # the data order and every augmentation draw: --data-seed, else --seed
+    # today's options (None / 0: off; docs/recipe.md)
+    lr_decay: str  # "step" (the papers') or "cosine"
+    warmup_epochs: int
+    cutout: object
+    mixup: object
+    cutmix: object
+    label_smoothing: object
+    ema: object
+    tta: object
     # speed
     backend: str
     precision: str
@@ -68,7 +80,7 @@ class RunConfig:
         """The settings as a run saves them (JSON-ready): the family's flags beside the common ones."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in MODES and f.name != "family"}
-        values["lr_schedule"] = recipe.format_lr_schedule(self.lr_schedule)
+        values["lr_schedule"] = recipe.format_lr_schedule(self.lr_schedule, self.lr_decay)
         return {**dict(self.family), **values}
 
 
@@ -83,7 +95,18 @@ def resolve(args, family_resolve=None, run_name=None):
     for key, default in recipe.DEFAULTS.items():
         if values.get(key) is None:
             values[key] = default
+    if values["lr_schedule"] == recipe.COSINE or (isinstance(values["lr_schedule"], tuple)
+                                                   and values["lr_schedule"][0] == recipe.COSINE):
+        peak = values["lr_schedule"][1] if isinstance(values["lr_schedule"], tuple) else None
+        unset = family_resolve(argparse.Namespace(**{**vars(args), "lr_schedule": None})) if family_resolve else {}
+        default_peak = unset.get("lr_schedule", recipe.DEFAULTS["lr_schedule"])[0][1]
+        values["lr_schedule"], values["lr_decay"] = ((0, peak or default_peak),), "cosine"
+    else:
+        values["lr_decay"] = "step"
     values["lr_schedule"] = tuple((epoch, lr * values["lr_scale"]) for epoch, lr in values["lr_schedule"])
+    values["init_seed"] = values["seed"] if values["init_seed"] is None else values["init_seed"]
+    values["data_seed"] = values["seed"] if values["data_seed"] is None else values["data_seed"]
+    check_options(values)
     backend = devices.backend_name()
     values["precision"] = devices.resolve_precision(values["precision"], backend)
     values["steps_per_execution"] = devices.resolve_steps_per_execution(
@@ -97,9 +120,21 @@ def resolve(args, family_resolve=None, run_name=None):
     return config
 
 
+def check_options(values):
+    """UsageError for options that cannot go together."""
+    if values["mixup"] and values["cutmix"]:
+        raise UsageError("--mixup and --cutmix mix each batch in two different ways: choose one")
+    if values["lr_decay"] == "cosine" and values["warmup_epochs"] >= values["epochs"]:
+        raise UsageError(f"--warmup-epochs {values['warmup_epochs']} leaves no epoch of the cosine schedule in "
+                         f"--epochs {values['epochs']} (use fewer warm-up epochs)")
+
+
+NAMED = ("seed", "init_seed", "data_seed", "epochs", "lr_schedule", "lr_decay", "weight_decay", "batch_size",
+         "train_limit", "val_split", "cutout", "mixup", "cutmix", "label_smoothing", "warmup_epochs", "ema", "tta")
+
+
 def values_of(config):
-    return {key: getattr(config, key) for key in ("seed", "epochs", "lr_schedule", "weight_decay", "batch_size",
-                                                  "train_limit", "val_split")}
+    return {key: getattr(config, key) for key in NAMED}
 
 
 def family_defaults(args, family_resolve):
@@ -107,4 +142,4 @@ def family_defaults(args, family_resolve):
     unset = argparse.Namespace(**{**vars(args), "epochs": None, "lr_schedule": None, "weight_decay": None})
     resolved = family_resolve(unset) if family_resolve else {}
     defaults = {key: resolved.get(key, default) for key, default in recipe.DEFAULTS.items()}
-    return {**defaults, "seed": recipe.SEED, "batch_size": recipe.BATCH_SIZE}
+    return {**defaults, "seed": recipe.SEED, "batch_size": recipe.BATCH_SIZE, "lr_decay": "step"}

@@ -34,15 +34,20 @@ def schedule_tag(schedule):
 
 def default_run_name(model, dataset, settings, defaults):
     """<model>_<dataset>, then what differs from the family's defaults, in a fixed order:
-    _s<seed> _e<epochs> _lr<hash of the schedule> _wd<weight decay> _b<batch> _n<training images>
-    _v<validation images>.
-    E.g. resnet32_e_cifar10 (the defaults), resnet20_e_cifar10_s1_e2_n2000."""
+    _s<seed> _e<epochs> _lr<hash of the schedule> (_cos with --lr-schedule cosine, _cos<peak> with another peak)
+    _wd<weight decay> _b<batch> _n<training images> _v<validation images>, then today's options when set:
+    _co<cutout size> _mu<mixup alpha> _cm<cutmix alpha> _ls<label smoothing> _wu<warm-up epochs> _ema<decay>
+    _tta<kind> _i<init seed> _d<data seed> (the last two when they differ from the seed).
+    E.g. resnet32_e_cifar10 (the defaults), resnet20_e_cifar10_s1_e2_n2000, resnet56_e_cifar10_cos_co16_mu1."""
     parts = [model, dataset]
     if settings["seed"] != defaults["seed"]:
         parts.append(f"s{settings['seed']}")
     if settings["epochs"] != defaults["epochs"]:
         parts.append(f"e{settings['epochs']}")
-    if tuple(settings["lr_schedule"]) != tuple(defaults["lr_schedule"]):
+    if settings.get("lr_decay") == "cosine":
+        peak = settings["lr_schedule"][0][1]
+        parts.append("cos" if peak == defaults["lr_schedule"][0][1] else f"cos{peak:g}")
+    elif tuple(settings["lr_schedule"]) != tuple(defaults["lr_schedule"]):
         parts.append(schedule_tag(settings["lr_schedule"]))
     if settings["weight_decay"] != defaults["weight_decay"]:
         parts.append(f"wd{settings['weight_decay']:g}")
@@ -52,7 +57,18 @@ def default_run_name(model, dataset, settings, defaults):
         parts.append(f"n{settings['train_limit']}")
     if settings.get("val_split") is not None:
         parts.append(f"v{settings['val_split']}")
+    for key, tag in OPTION_TAGS:
+        if settings.get(key):
+            parts.append(f"{tag}{settings[key]:g}" if isinstance(settings[key], (int, float)) else tag + settings[key])
+    for key, tag in (("init_seed", "i"), ("data_seed", "d")):
+        if settings.get(key, settings["seed"]) != settings["seed"]:
+            parts.append(f"{tag}{settings[key]}")
     return "_".join(parts)
+
+
+# today's options in the run name, in this order (default_run_name)
+OPTION_TAGS = (("cutout", "co"), ("mixup", "mu"), ("cutmix", "cm"), ("label_smoothing", "ls"),
+               ("warmup_epochs", "wu"), ("ema", "ema"), ("tta", "tta"))
 
 
 EPOCHS_SENTINEL = 987654321  # stands for "any --epochs" in a default name: no real run trains that long

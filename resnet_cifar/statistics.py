@@ -6,16 +6,20 @@ import csv
 import math
 import statistics
 
+from .outputs import EVALUATION_FIELD
+
 # Keys of a run's configuration that differ between the seeds of one setting (or say nothing about it).
-PER_RUN_KEYS = frozenset({"seed", "run_name", "command", "checkpoint", "checkpoint_dir", "log_dir", "keras",
+PER_RUN_KEYS = frozenset({"seed", "init_seed", "data_seed", "run_name", "command", "checkpoint", "checkpoint_dir", "log_dir", "keras",
                           "verbose", "devices", "processes", "data_dir", "wait_timeout", "coordinator",
                           "num_processes", "process_id", "cpu_devices"})
 
 
 def read_history(path):
-    """A history.csv as a list of dicts of floats ('' and 'nan' as NaN)."""
+    """A history.csv as a list of dicts of floats ('' and 'nan' as NaN); the text column `evaluation` (how the
+    test set was evaluated) as it is."""
     with open(path) as f:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: v if k == EVALUATION_FIELD else float(v) if v not in ("", None) else math.nan
+                 for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def final_accuracy(history):

@@ -19,7 +19,8 @@ import numpy as np
 from .checkpoints import SavedState, save_state
 from .distributed import Cluster, process_share
 from .errors import TrainingError
-from .recipe import lr_at_epoch
+from .evaluation import Evaluator, describe, needs_evaluator
+from .recipe import Schedule
 from .outputs import ScalarLog, check_free_space, clear_old_events, hparams_of, write_history
 from .speedups import batches
 
@@ -140,20 +141,25 @@ def _heartbeat_class():
     return Heartbeat
 
 
-def run_epoch(model, train, test, epoch, epochs, verbose=0, beat=None):
+def run_epoch(model, train, test, epoch, epochs, verbose=0, beat=None, evaluator=None):
     """One epoch through Keras's fit(), as the scripts train (bench.py times this too): the given batches in
-    their order, the test set evaluated at its end when given, NaN stopping it early, beat() after every
-    step when given (distributed.Watchdog). Returns the epoch's logs (loss, accuracy, val_loss, val_accuracy)."""
+    their order, the test set evaluated at its end when given (inside fit(), or by `evaluator` when given: an
+    evaluation.Evaluator), NaN stopping it early, beat() after every step when given (distributed.Watchdog).
+    Returns the epoch's logs (loss, accuracy, val_loss, val_accuracy)."""
     import keras
     # One fit() call per epoch, on our own shuffled order; the progress bar still says "Epoch 82/200".
     stop_after_one_epoch = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda _, logs: setattr(model, "stop_training", True))
-    callbacks = [_stop_on_nan_class()(), stop_after_one_epoch] + ([_heartbeat_class()(beat)] if beat else [])
-    validation = {} if test is None else {"validation_data": (test.x, test.y),
-                                          "validation_batch_size": test.batch_size}
+    beating = [_heartbeat_class()(beat)] if beat else []
+    callbacks = [_stop_on_nan_class()(), stop_after_one_epoch] + beating
+    validation = {} if test is None or evaluator else {"validation_data": (test.x, test.y),
+                                                       "validation_batch_size": test.batch_size}
     result = model.fit(*train, epochs=epochs, initial_epoch=epoch, shuffle=False, verbose=verbose, **validation,
                        callbacks=callbacks)
-    return {key: values[-1] for key, values in result.history.items()}
+    logs = {key: values[-1] for key, values in result.history.items()}
+    if test is not None and evaluator and math.isfinite(logs.get("loss", math.nan)):
+        logs.update({f"val_{key}": value for key, value in evaluator.evaluate(test, beating).items()})
+    return logs
 
 
 @dataclass(frozen=True)
@@ -201,6 +207,9 @@ def fit(model, run):
         every_epoch = batches(validation[0][mine], validation[1][mine], eval_batch, config.plain_keras)
     else:
         every_epoch = test
+    evaluator = Evaluator(model, config) if needs_evaluator(config) else None
+    evaluation = describe(config)
+    schedule = Schedule.of(config, steps)
     log = ScalarLog(paths["log_run"], hparams=hparams_of(record, config.family))
     start = time.perf_counter()
     first = len(history)
@@ -209,11 +218,11 @@ def fit(model, run):
             log.write(row)
         for epoch in range(first, config.epochs):
             epoch_start = time.perf_counter()
-            reseed_augmentation(model, config.seed, epoch)
-            order, batch = process_share(epoch_order(config.seed, epoch, len(x_train), steps * config.batch_size),
+            reseed_augmentation(model, config.data_seed, epoch)
+            order, batch = process_share(epoch_order(config.data_seed, epoch, len(x_train), steps * config.batch_size),
                                          config.batch_size, cluster, backend)
             train = batches(x_train[order], y_train[order], batch, config.plain_keras)
-            logs = run_epoch(model, train, every_epoch, epoch, config.epochs, verbose, run.beat)
+            logs = run_epoch(model, train, every_epoch, epoch, config.epochs, verbose, run.beat, evaluator)
             if not all(math.isfinite(logs.get(key, math.nan)) for key in ("loss", "val_loss")):
                 last_good = resume_from if history else "none yet"  # the chief's, in a cluster
                 raise TrainingError(f"the loss became {logs.get('loss')} in epoch {epoch + 1}; the last good "
@@ -221,13 +230,16 @@ def fit(model, run):
                                     "and rerun, or --resume from it")
             row = {"epoch": epoch, "loss": logs["loss"], "accuracy": logs["accuracy"],
                    "test_loss": logs["val_loss"], "test_accuracy": logs["val_accuracy"],
-                   "learning_rate": lr_at_epoch(config.lr_schedule, epoch)}
+                   "learning_rate": schedule.of_epoch(epoch)}
             if validation is not None:
                 row.update(val_loss=logs["val_loss"], val_accuracy=logs["val_accuracy"], test_loss=math.nan,
                            test_accuracy=math.nan)
                 if epoch == config.epochs - 1:
-                    final = model.evaluate(test.x, test.y, batch_size=test.batch_size, verbose=0, return_dict=True)
+                    final = evaluator.evaluate(test) if evaluator else model.evaluate(
+                        test.x, test.y, batch_size=test.batch_size, verbose=0, return_dict=True)
                     row.update(test_loss=final["loss"], test_accuracy=final["accuracy"])
+            if evaluation:
+                row["evaluation"] = evaluation
             history.append({**row, "seconds": round(time.perf_counter() - epoch_start, 3)})
             check_free_space(os.path.dirname(paths["state"]) or ".", checkpoint_bytes(record["params"]))
             save_state(model, paths["state"], history, record)

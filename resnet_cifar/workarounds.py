@@ -12,6 +12,7 @@ the functions.
 3. RECURSION_LIMIT       Keras walks the layer graph recursively: ResNet-1001 needs ~10,000 frames.
 4. tensorboard_without_tensorflow  tensorboard's event writer imports TensorFlow when it is installed.
 5. without_tensorflow    set_random_seed, the .h5 loader and serialization import TensorFlow on any backend.
+6. keep_weights_after_fit  with EMA, every fit() ends by overwriting the weights with their average.
 """
 import contextlib
 import functools
@@ -124,3 +125,12 @@ def set_random_seed(seed):
     import keras
     with without_tensorflow():
         keras.utils.set_random_seed(seed)
+
+
+# 6. With the optimizer's EMA on (--ema), Keras's fit() ends by calling optimizer.finalize_variable_values, which
+# overwrites the model's weights with their moving average (backend/*/trainer.py, Keras 3.15.1). Runs call fit()
+# once per epoch, so every epoch would go on from the average instead of the trained weights. Off for this
+# optimizer instance (public API, on every version); evaluation.averaged_weights and the final save call the
+# class's method where the average is wanted. Remove when a run trains in one fit() call.
+def keep_weights_after_fit(optimizer):
+    optimizer.finalize_variable_values = lambda var_list: None

@@ -91,7 +91,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     model.optimizer.build(model.trainable_variables)
     config = {"model": model.name, "params": model.count_params(), "dataset": "cifar10", "train_images": 64,
               "batch_size": 32, "seed": 0, "precision": "float32", "lr_schedule": "0:0.1", "weight_decay": 1e-4,
-              "val_split": None}
+              "val_split": None, **checkpoints.OPTION_RESUME_KEYS, "init_seed": 0, "data_seed": 0, "epochs": 2}
     path = str(tmp_path / f"{RUN}.state.weights.h5")
     rows = [{"epoch": 0, "loss": 1.0}]
     checkpoints.save_state(model, path, rows, config)

@@ -87,6 +87,14 @@ def test_default_run_names_say_what_differs():
     assert a != b and a.startswith("resnet32_e_cifar10_lr") and a == name("--lr-schedule", "0:0.1,5:0.01")
     assert name("--batch-size", "256", "--lr-scale", "2").endswith("_b256")
     assert name("--weight-decay", "5e-4") == "resnet32_e_cifar10_wd0.0005"
+    # today's options, each named when set; the seeds' parts when they differ from --seed
+    assert name("--lr-schedule", "cosine", "--warmup-epochs", "5", "--cutout", "16", "--mixup", "1",
+                "--label-smoothing", "0.1", "--ema", "0.999", "--tta", "flip") == \
+        "resnet32_e_cifar10_cos_co16_mu1_ls0.1_wu5_ema0.999_ttaflip"
+    assert name("--lr-schedule", "cosine:0.2", "--cutmix", "0.5") == "resnet32_e_cifar10_cos0.2_cm0.5"
+    assert name("--init-seed", "3", "--data-seed", "4") == "resnet32_e_cifar10_i3_d4"
+    assert name("--seed", "3", "--init-seed", "3") == "resnet32_e_cifar10_s3"
+    assert name("--data-seed", "0") == "resnet32_e_cifar10"
 
 
 def damage_state(kind):
@@ -116,6 +124,10 @@ REFUSALS = [
     (["--resume", "--epochs", "2", "--lr-schedule", "0:0.2"], None, ["cannot resume", "lr_schedule"]),
     (["--resume", "--epochs", "2", "--weight-decay", "5e-4"], None, ["cannot resume", "weight_decay"]),
     (["--resume", "--epochs", "2", "--batch-size", "16"], None, ["cannot resume", "batch_size"]),
+    (["--resume", "--epochs", "2", "--data-seed", "5"], None,
+     ["cannot resume", "data_seed (0 vs 5 now)"]),
+    (["--resume", "--epochs", "2", "--init-seed", "5"], None, ["cannot resume", "init_seed"]),
+    (["--resume", "--epochs", "2", "--cutout", "16"], None, ["cannot resume", "cutout"]),
     (["--resume", "--epochs", "2"], damage_state("empty"), ["cannot resume", "state.weights.h5"]),
     (["--resume", "--epochs", "2"], damage_state("truncated"), ["cannot resume", "state.weights.h5"]),
     (["--resume", "--epochs", "2"], damage_state("no seed"), ["cannot resume", "lacks seed"]),
