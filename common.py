@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from resnet_cifar import cli, distributed, runs
+from resnet_cifar import cli, distributed, provenance, runs
 from resnet_cifar.checkpoints import SavedState, as_trained, check_model_file, load_model_safely, save_model
 from resnet_cifar.cifar_data import DATASETS, find_local_data, load_data
 from resnet_cifar.devices import configure_backend, fast_exit, where_it_trains
@@ -119,25 +119,29 @@ def _remove_if_empty(folder):
 
 
 def _start(config):
-    """(the backend, the data): the framework starts (quietly: devices.quiet_start) while the local data is read
+    """(the backend, the data, their provenance): the framework starts (quietly: devices.quiet_start) while the local data is read
     in a second thread; the download path (keras.datasets) runs after the start, so its refusal comes without
     the framework's start-up lines."""
     def start():  # XLA's own collective timeout stays above ours: the watchdog's one line comes first
         return configure_backend(config.precision, config.cpu_devices, collective_timeout=2 * config.wait_timeout,
                                  plain=config.plain_keras)
+    def read():  # the data, and which data they are (provenance: checksums and a fingerprint)
+        data = load_data(config)
+        return data, provenance.of_run(config, data)
     if not config.data_dir:
-        return start(), load_data(config)
+        backend = start()
+        return (backend, *read())
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        reading = pool.submit(load_data, config)
+        reading = pool.submit(read)
         try:
             backend = start()
         finally:
-            data = reading.result()  # its UsageError (a corrupt file) first: bad input before anything else
-    return backend, data
+            data, source = reading.result()  # its UsageError (a corrupt file) first: bad input before anything
+    return backend, data, source
 
 
 def _train(config, build_model, cluster, spec, paths, saved):
-    backend, data = _start(config)
+    backend, data, source = _start(config)
     if len(data[0][0]) < config.batch_size:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(data[0][0])} training images "
                          "(lower --batch-size or raise --train-limit)")
@@ -150,7 +154,7 @@ def _train(config, build_model, cluster, spec, paths, saved):
         model = initial_model(config, build_model, spec.classes)
         if config.plain_keras:
             model = stock_layers(model)
-        record = run_record(config, model, data, paths, processes.devices, cluster.processes)
+        record = {**run_record(config, model, data, paths, processes.devices, cluster.processes), **source}
         if saved is not None:  # every setting compared before anything is written
             saved.check(record)
         remove_stale_temporaries(os.path.dirname(writes["h5"]),

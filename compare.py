@@ -99,12 +99,14 @@ def main(argv=None):
         runs = [load_run(run, args.log_dir) for run in args.runs]
         atomic_write(args.out, lambda tmp: figure(runs, tmp, args.zoom))
     print(table(runs))
+    print("\n" + statistics.data_sources([{"label": run["name"], "config": run["config"]} for run in runs]))
     groups = [(name, members) for name, members in statistics.group_by_seed(runs) if len(members) > 1]
     if groups:  # runs that differ only in their seed, summarized together
         print("\nRuns that differ only in their seed:\n")
         print(statistics.markdown_table([{"label": f"{name} and {len(members) - 1} more (seeds "
                                                f"{', '.join(str(m['config'].get('seed')) for m in members)})",
-                                      "accuracies": [statistics.final_accuracy(m["history"]) for m in members]}
+                                      "accuracies": [statistics.final_accuracy(m["history"]) for m in members],
+                                      "minutes": [statistics.run_minutes(m["history"]) for m in members]}
                                      for name, members in groups]))
     print(f"\nfigure: {args.out}")
 

@@ -27,6 +27,7 @@ The table: per row n, mean ± sample std, median and min-max of the final (last-
 published figure and the difference; printed and written to <out>/table.md, the figure to <out>/curves.png.
 """
 import argparse
+import json
 import os
 import re
 import shlex
@@ -76,8 +77,10 @@ def load_experiment(path):
         flags = row.get("flags", [])
         if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags):
             raise UsageError(f"experiment {path}, row {i} ({row['label']}): flags must be a list of strings")
-        if "published" in row and not isinstance(row["published"], (int, float)):
-            raise UsageError(f"experiment {path}, row {i} ({row['label']}): published must be a number (%)")
+        try:
+            row["published"] = statistics.published_figure(row.get("published"))
+        except ValueError as error:
+            raise UsageError(f"experiment {path}, row {i} ({row['label']}): {error} (%)") from None
     seeds = experiment.setdefault("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise UsageError(f"experiment {path}: seeds must be a list of integers >= 0")
@@ -87,6 +90,33 @@ def load_experiment(path):
 VARY = {"both": "the seed (initialization, data order and augmentation)",
         "init": "the initialization only (--init-seed; --data-seed held at the first seed)",
         "data": "the data order and augmentation only (--data-seed; --init-seed held at the first seed)"}
+
+
+# Settings that do not change what is trained (where it runs, how fast, where it writes, the seeds).
+NOT_SCALE = statistics.PER_RUN_KEYS | {"run_name", "backend", "precision", "steps_per_execution", "plain_keras",
+                                       "distribute", "lr_scale", "verbose", "data_dir"}
+
+
+def scale_settings(config):
+    """What a run trains, for comparing a sweep's runs with the experiment's own settings: the network, the data,
+    the recipe, the options."""
+    return {key: value for key, value in config.saved().items() if key not in NOT_SCALE}
+
+
+def scale_differences(experiment, runs):
+    """How the flags after `--` change the experiment: e.g. ["--stack-n 1 instead of 9", "--epochs 3 instead of
+    200"], from each row's settings with and without them; [] at the experiment's own scale."""
+    differences = []
+    for run in runs:
+        row = next(r for r in experiment["rows"] if r["label"] == run.label)
+        own = scale_settings(cli.parse([*row.get("flags", []), "--seed", str(run.seed)], families.load(run.script)))
+        for key in sorted(set(own) | set(run.setting)):
+            if own.get(key) != run.setting.get(key):
+                was = "all" if own.get(key) is None else own.get(key)
+                text = f"--{key.replace('_', '-')} {run.setting.get(key)} instead of {was}"
+                if text not in differences and key not in ("init_seed", "data_seed", "seed"):
+                    differences.append(text)
+    return differences
 
 
 def seed_flags(vary, seed, held):
@@ -112,6 +142,7 @@ class Run:
         if config.data_dir:
             find_local_data(config.data_dir, config.dataset)
         self.name, self.epochs = config.run_name, config.epochs
+        self.setting = scale_settings(config)
         paths = run_paths(os.path.join(out, "checkpoints"), os.path.join(out, "logs"), self.name)
         self.files = {"model": paths["h5"], "state": paths["state"], "saved": paths["json"],
                       "history": paths["log_csv"]}
@@ -123,6 +154,14 @@ class Run:
 
     def final_accuracy(self):
         return statistics.final_accuracy(statistics.read_history(self.history))
+
+    def saved_config(self):
+        """The run's saved configuration (config.json beside its checkpoint), {} if unreadable."""
+        try:
+            with open(self.files["saved"]) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
 
     def command(self):
         resume = ["--resume"] if self.status() == "interrupted" else []
@@ -175,8 +214,40 @@ def table(experiment, runs):
         mine = [r for r in runs if r.label == row["label"] and r.status() == "finished"]
         histories = [statistics.read_history(r.history) for r in mine]
         rows.append({"label": row["label"], "published": row.get("published"), "histories": histories,
-                     "accuracies": [statistics.final_accuracy(h) for h in histories]})
+                     "accuracies": [statistics.final_accuracy(h) for h in histories],
+                     "minutes": [statistics.run_minutes(h) for h in histories],
+                     "configs": [r.saved_config() for r in mine]})
     return rows
+
+
+def row_label(experiment, text):
+    """--against's row: its label, or its number (1-based) in the experiment file."""
+    labels = [row["label"] for row in experiment["rows"]]
+    if text in labels:
+        return text
+    if text.isdigit() and 1 <= int(text) <= len(labels):
+        return labels[int(text) - 1]
+    raise UsageError(f"--against {text!r}: no such row; give a label or a number from 1 to {len(labels)}: "
+                     + ", ".join(f"{i} {label!r}" for i, label in enumerate(labels, 1)))
+
+
+def report(experiment, vary, rows, reduced, against=None):
+    """The table's text: its heading, the table, what the statistics are, the data, and with --against the
+    differences and tests."""
+    scale = ("\n\nReduced scale: " + ", ".join(reduced) + ". Not the experiment's settings: no difference from "
+             "the published figures is printed." if reduced else "")
+    text = (f"{experiment['title']} ({experiment.get('paper', '')}, {experiment.get('table', '')}){scale}\n\n"
+            + statistics.markdown_table(rows, reduced) + "\n\n"
+            + f"Final (last-epoch) test accuracy over seeds of {VARY[vary]}; 95 % CI: Student's t interval of "
+            "the mean; published: "
+            f"{experiment.get('published', {}).get('statistic', 'as printed')}; \"ours, same statistic\": our "
+            "figure of the statistic the paper printed (for one run or an unnamed statistic, our mean).\n\n"
+            + statistics.data_sources([{"label": row["label"], "config": config} for row in rows
+                                       for config in row["configs"]]) + "\n")
+    if against:
+        text += (f"\nAgainst {against} (Welch's t-test, two-sided; differences in points):\n\n"
+                 + statistics.against_table(rows, against) + "\n")
+    return text
 
 
 def main(argv=None):
@@ -186,6 +257,11 @@ def main(argv=None):
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", metavar="EXPERIMENT", help="an experiment file, e.g. experiments/*.toml")
     parser.add_argument("--seeds", type=parse_seeds, help="e.g. 0-4 or 0,2,5 (default: the file's seeds)")
+    parser.add_argument("--rows", type=parse_seeds, metavar="NUMBERS",
+                        help="run and tabulate these rows only, by number in the file: e.g. 1-8 or 1,3")
+    parser.add_argument("--against", metavar="ROW",
+                        help="a row's label or number: the table adds, for every other row, the difference of mean "
+                             "accuracies with its 95 %% interval and Welch's t-test p-value (scipy.stats)")
     parser.add_argument("--vary", choices=sorted(VARY), default="both",
                         help="what the seeds vary: " + "; ".join(f"{k}: {v}" for k, v in VARY.items()))
     parser.add_argument("--out", metavar="DIR", help="where the runs' logs/ and checkpoints/ go "
@@ -209,6 +285,11 @@ def main(argv=None):
         try:
             args = parser.parse_args(argv)
             experiment = load_experiment(args.experiment)
+            if args.rows:
+                if max(args.rows) > len(experiment["rows"]):
+                    raise UsageError(f"--rows: the experiment has {len(experiment['rows'])} rows")
+                experiment["rows"] = [experiment["rows"][i - 1] for i in args.rows]
+            against = row_label(experiment, args.against) if args.against else None
             name = os.path.splitext(os.path.basename(args.experiment))[0]
             out = args.out or os.path.join("sweeps", name)
             # seed by seed, every row each time: a sweep stopped part-way has every row at the same number of seeds
@@ -236,14 +317,13 @@ def main(argv=None):
             print(f"reproduce.py: interrupted{jobs}; rerun the same command to continue", file=sys.stderr)
             sys.exit(130)
     rows = table(experiment, runs)
-    text = (f"{experiment['title']} ({experiment.get('paper', '')}, {experiment.get('table', '')})\n\n"
-            + statistics.markdown_table(rows) + "\n\n" + f"Final (last-epoch) test accuracy over seeds of "
-            f"{VARY[args.vary]}; published: "
-            f"{experiment.get('published', {}).get('statistic', 'as printed')}.\n")
+    reduced = scale_differences(experiment, runs)
+    text = report(experiment, args.vary, rows, reduced, against)
     print("\n" + text)
     write_text(os.path.join(out, "table.md"), text)
     atomic_write(os.path.join(out, "curves.png"),
-                 lambda tmp: statistics.mean_curves_figure(rows, tmp, experiment["title"]))
+                 lambda tmp: statistics.mean_curves_figure(
+                     rows, tmp, experiment["title"] + ("\nreduced scale: " + ", ".join(reduced) if reduced else "")))
     print(f"table: {os.path.join(out, 'table.md')}, figure: {os.path.join(out, 'curves.png')}")
     if failed:
         print(f"reproduce.py: {failed} runs failed; rerun the same command to retry them", file=sys.stderr)

@@ -171,7 +171,7 @@ class ScalarLog:
 # family script's own flags (RunConfig.family: depth, unit, ...).
 HPARAMS = ("model", "dataset", "seed", "epochs", "lr_schedule", "weight_decay", "precision", "batch_size",
            "train_images", "val_split", "backend", "init_seed", "data_seed", "lr_decay", "warmup_epochs", "cutout",
-           "mixup", "cutmix", "label_smoothing", "ema", "tta")
+           "mixup", "cutmix", "label_smoothing", "ema", "tta", "data_fingerprint", "official_data")
 
 
 def hparams_of(record, family_flags=()):

@@ -17,20 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (what the defect is, file, text, replacement, the tests that must fail)
 MUTATIONS = [
-    ("Cutout's centre only where the whole square fits", "resnet_cifar/augmentation.py",
-     "centre_y = keras.random.randint((batch, 1), 0, height,", "centre_y = keras.random.randint((batch, 1), 8, height - 8,",
-     ["tests/test_recipe_options.py::test_cutout_centres_are_uniform_over_the_image_independent_per_image_and_"
-      "clipped"]),
-    ("the mixed labels paired otherwise than the images", "resnet_cifar/mixing.py",
-     "ops.take(target, mix.permutation(ops.shape(labels)[0]), 0)", "ops.flip(target, 0)",
-     ["tests/test_recipe_options.py::test_the_loss_mixes_and_smooths_the_labels_with_the_pairing_and_weight_of_the_"
-      "images"]),
-    ("the warm-up one step ahead", "resnet_cifar/recipe.py", "self.peak * step / self.warmup_steps, after)",
-     "self.peak * (step + 1) / self.warmup_steps, after)",
-     ["tests/test_recipe_options.py::test_the_learning_rate_of_every_step_equals_the_formula"]),
-    ("the test set evaluated with the trained weights, not their average", "resnet_cifar/evaluation.py",
-     "self.model, self.ema = model, bool(config.ema)", "self.model, self.ema = model, False",
-     ["tests/test_recipe_options_runs.py::test_every_option_trains_and_its_saved_model_evaluates_to_the_history"]),
     ("CIFAR-100 read with its 20 coarse labels", "resnet_cifar/cifar_data.py", '("test",), b"fine_labels"),',
      '("test",), b"coarse_labels"),', ["tests/test_recipe_behaviour.py::test_cifar100_reads_the_fine_labels_of_an_"
                                        "independently_written_file"]),
@@ -72,6 +58,20 @@ MUTATIONS = [
      "            start_processes(config)  # JAX: before anything asks for a device\n"
      "            if cluster.processes > 1:\n                raise TrainingError(\"lost before the first epoch\")\n",
      ["tests/test_multiworker.py::test_two_workers_train_like_one_process"]),
+    ("Cutout's centre only where the whole square fits", "resnet_cifar/augmentation.py",
+     "centre_y = keras.random.randint((batch, 1), 0, height,", "centre_y = keras.random.randint((batch, 1), 8, height - 8,",
+     ["tests/test_recipe_options.py::test_cutout_centres_are_uniform_over_the_image_independent_per_image_and_"
+      "clipped"]),
+    ("the mixed labels paired otherwise than the images", "resnet_cifar/mixing.py",
+     "ops.take(target, mix.permutation(ops.shape(labels)[0]), 0)", "ops.flip(target, 0)",
+     ["tests/test_recipe_options.py::test_the_loss_mixes_and_smooths_the_labels_with_the_pairing_and_weight_of_the_"
+      "images"]),
+    ("the warm-up one step ahead", "resnet_cifar/recipe.py", "self.peak * step / self.warmup_steps, after)",
+     "self.peak * (step + 1) / self.warmup_steps, after)",
+     ["tests/test_recipe_options.py::test_the_learning_rate_of_every_step_equals_the_formula"]),
+    ("the test set evaluated with the trained weights, not their average", "resnet_cifar/evaluation.py",
+     "self.model, self.ema = model, bool(config.ema)", "self.model, self.ema = model, False",
+     ["tests/test_recipe_options_runs.py::test_every_option_trains_and_its_saved_model_evaluates_to_the_history"]),
 ]
 
 
