@@ -10,14 +10,15 @@ the mixed one-hot target, which label smoothing then smooths: (1 - ε) target + 
 Why not Keras's MixUp and CutMix layers: they take the labels with the images (a map over a tf.data pipeline,
 outside the compiled step, on one-hot labels), and draw a λ and a box per image where the papers draw one per
 batch. Here BatchMix sits in the network after the per-image augmentation (the papers mix augmented images),
-inside the compiled step, and keeps what the loss needs (the batch's label weight λ and the seed its permutation
-was drawn from) in two variables that RecipeLoss reads in the same step: on JAX through the state the step hands
-from the forward pass to the loss, on TensorFlow in program order, on PyTorch eagerly. Saved models hold Keras's
+inside the compiled step, and keeps the step's seed in the state of a seed generator, from which RecipeLoss draws
+the same pairing and λ again in the same step: on JAX through the state the step hands from the forward pass to
+the loss, on TensorFlow in program order, on PyTorch eagerly. (A seed generator's state is not a weight: the
+network's parameter count stays the papers'.) Saved models hold Keras's
 Identity in its place (augmentation.standard_layer). Import-safe: Keras is imported inside the functions.
 """
 import functools
 
-SEED_RANGE = 2**30  # the permutation's seed: drawn from the layer's generator, kept for the loss to draw it again
+SEED_RANGE = 2**30  # the step's seed: drawn from the layer's generator, kept for the loss to draw the same again
 
 
 @functools.cache
@@ -28,8 +29,8 @@ def batch_mix_class():
     @keras.saving.register_keras_serializable(package="resnet_cifar")
     class BatchMix(keras.layers.Layer):
         """Training only: `method` "mixup" or "cutmix" with λ ~ Beta(alpha, alpha), applied to a batch with
-        `probability` (else λ = 1, nothing pasted). Inference: identity. `label_weight` holds the batch's λ
-        and `permutation(batch)` the pairing, for RecipeLoss."""
+        `probability` (else λ = 1, nothing pasted). Inference: identity. `draws(batch)` gives the step's pairing
+        and label weight again, for RecipeLoss."""
 
         def __init__(self, method, alpha, probability=1.0, seed=None, **kwargs):
             super().__init__(**kwargs)
@@ -37,51 +38,53 @@ def batch_mix_class():
                 raise ValueError(f"method must be 'mixup' or 'cutmix', got {method!r}")
             self.method, self.alpha, self.probability, self.seed = method, alpha, probability, seed
             self.generator = keras.random.SeedGenerator(seed)  # training.reseed_augmentation reseeds it
-            self.pairing = keras.random.SeedGenerator(seed)  # set to pairing_seed before each permutation
-            self.pairing_seed = self.add_weight(shape=(2,), dtype=self.pairing.state.dtype, initializer="zeros",
-                                                trainable=False, name="pairing_seed")
-            self.label_weight = self.add_weight(shape=(), dtype="float32", initializer="ones", trainable=False,
-                                                name="label_weight", autocast=False)
-            self.built = True
+            # Seed generators' states are variables the step carries but not weights (no parameter counted):
+            self.step_seed = keras.random.SeedGenerator(seed)  # its state holds the step's seed, never drawn from
+            self.replay = keras.random.SeedGenerator(seed)  # set to the step's seed, then draws the step's mixing
+            self.size = None  # (height, width) of the images: build
 
-        def permutation(self, batch):
-            """The batch's pairing, drawn from pairing_seed: the same in the layer and in the loss."""
-            self.pairing.state.assign(self.pairing_seed.value)
-            return keras.random.shuffle(ops.arange(batch, dtype="int32"), seed=self.pairing)
-
-        def draw(self, batch, height, width):
-            """(λ as drawn, apply, box rows y1:y2 and columns x1:x2): one draw per batch."""
-            lam = keras.random.beta((1,), self.alpha, self.alpha, dtype="float32", seed=self.generator)[0]
-            apply = keras.random.uniform((), dtype="float32", seed=self.generator) < self.probability
-            cy = keras.random.randint((), 0, height, dtype="int32", seed=self.generator)
-            cx = keras.random.randint((), 0, width, dtype="int32", seed=self.generator)
+        def draws(self, batch):
+            """The step's mixing, drawn from its seed (the same in the layer and in the loss): {"pairing", "lam"
+            (as drawn), "apply" (whether the batch is mixed), "box" (CutMix: rows y1:y2, columns x1:x2),
+            "weight" (the label weight: λ for mixup, the area kept for CutMix, 1 if not applied)}."""
+            height, width = self.size
+            self.replay.state.assign(self.step_seed.state.value)
+            pairing = keras.random.shuffle(ops.arange(batch, dtype="int32"), seed=self.replay)
+            lam = keras.random.beta((1,), self.alpha, self.alpha, dtype="float32", seed=self.replay)[0]
+            apply = keras.random.uniform((), dtype="float32", seed=self.replay) < self.probability
+            cy = keras.random.randint((), 0, height, dtype="int32", seed=self.replay)
+            cx = keras.random.randint((), 0, width, dtype="int32", seed=self.replay)
+            drawn = {"pairing": pairing, "lam": lam, "apply": apply, "box": None}
+            if self.method == "mixup":
+                return {**drawn, "weight": ops.where(apply, lam, 1.0)}
             cut = ops.sqrt(1.0 - lam)  # the box's side over the image's (Yun et al.: cut_rat)
             half_h = ops.cast(ops.floor(height * cut), "int32") // 2
             half_w = ops.cast(ops.floor(width * cut), "int32") // 2
             box = (ops.clip(cy - half_h, 0, height), ops.clip(cy + half_h, 0, height),
                    ops.clip(cx - half_w, 0, width), ops.clip(cx + half_w, 0, width))
-            return lam, apply, box
+            kept = 1.0 - ops.cast((box[1] - box[0]) * (box[3] - box[2]), "float32") / (height * width)
+            return {**drawn, "box": box, "weight": ops.where(apply, kept, 1.0)}
+
+        def build(self, input_shape):
+            self.size = tuple(input_shape[1:3])
 
         def call(self, inputs, training=None):
             if not training:
                 return inputs
-            batch = ops.shape(inputs)[0]
-            height, width = inputs.shape[1:3]
-            self.pairing_seed.assign(keras.random.randint((2,), 0, SEED_RANGE, dtype=self.pairing_seed.dtype,
-                                                          seed=self.generator))
-            partners = ops.take(inputs, self.permutation(batch), axis=0)
-            lam, apply, (y1, y2, x1, x2) = self.draw(batch, height, width)
+            self.step_seed.state.assign(keras.random.randint((2,), 0, SEED_RANGE, dtype=self.step_seed.state.dtype,
+                                                             seed=self.generator))
+            drawn = self.draws(ops.shape(inputs)[0])
+            partners = ops.take(inputs, drawn["pairing"], axis=0)
             if self.method == "mixup":
-                weight = lam
+                lam = drawn["lam"]
                 mixed = ops.cast(lam, inputs.dtype) * inputs + ops.cast(1.0 - lam, inputs.dtype) * partners
             else:
-                rows = ops.arange(height, dtype="int32")
-                cols = ops.arange(width, dtype="int32")
-                box = ((rows >= y1) & (rows < y2))[:, None] & ((cols >= x1) & (cols < x2))[None, :]
-                mixed = ops.where(box[None, :, :, None], partners, inputs)
-                weight = 1.0 - ops.cast((y2 - y1) * (x2 - x1), "float32") / (height * width)
-            self.label_weight.assign(ops.where(apply, weight, 1.0))
-            return ops.where(apply, mixed, inputs)
+                y1, y2, x1, x2 = drawn["box"]
+                rows = ops.arange(self.size[0], dtype="int32")
+                cols = ops.arange(self.size[1], dtype="int32")
+                inside = ((rows >= y1) & (rows < y2))[:, None] & ((cols >= x1) & (cols < x2))[None, :]
+                mixed = ops.where(inside[None, :, :, None], partners, inputs)
+            return ops.where(drawn["apply"], mixed, inputs)
 
         def compute_output_shape(self, input_shape):
             return input_shape
@@ -117,8 +120,9 @@ def recipe_loss(model, classes, label_smoothing):
             labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
             target = ops.one_hot(labels, classes, dtype=y_pred.dtype)
             if mix is not None:
-                weight = ops.cast(mix.label_weight.value, y_pred.dtype)
-                target = weight * target + (1 - weight) * ops.take(target, mix.permutation(ops.shape(labels)[0]), 0)
+                drawn = mix.draws(ops.shape(labels)[0])
+                weight = ops.cast(drawn["weight"], y_pred.dtype)
+                target = weight * target + (1 - weight) * ops.take(target, drawn["pairing"], 0)
             return keras.losses.categorical_crossentropy(target, y_pred, label_smoothing=label_smoothing or 0.0)
 
     return RecipeLoss(name="recipe_loss")

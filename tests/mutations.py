@@ -63,7 +63,7 @@ MUTATIONS = [
      ["tests/test_recipe_options.py::test_cutout_centres_are_uniform_over_the_image_independent_per_image_and_"
       "clipped"]),
     ("the mixed labels paired otherwise than the images", "resnet_cifar/mixing.py",
-     "ops.take(target, mix.permutation(ops.shape(labels)[0]), 0)", "ops.flip(target, 0)",
+     'ops.take(target, drawn["pairing"], 0)', "ops.flip(target, 0)",
      ["tests/test_recipe_options.py::test_the_loss_mixes_and_smooths_the_labels_with_the_pairing_and_weight_of_the_"
       "images"]),
     ("the warm-up one step ahead", "resnet_cifar/recipe.py", "self.peak * step / self.warmup_steps, after)",

@@ -25,10 +25,10 @@ def test_every_experiment_file_parses_and_its_rows_pass_their_scripts_parser(pat
         assert row["published"] is None or row["published"]["statistic"] in statistics.STATISTICS
 
 
-def test_the_experiment_files_are_the_five_the_docs_list():
+def test_the_experiment_files_are_the_six_the_docs_list():
     with open(os.path.join(ROOT, "docs", "reproduce.md")) as f:
         docs = f.read()
-    assert len(EXPERIMENTS) == 5 and all(f"`{os.path.basename(p)}`" in docs for p in EXPERIMENTS)
+    assert len(EXPERIMENTS) == 6 and all(f"`{os.path.basename(p)}`" in docs for p in EXPERIMENTS)
 
 
 @pytest.mark.parametrize("argv, epochs, decay, schedule", [

@@ -82,7 +82,8 @@ def test_mixup_draws_lambda_from_beta_and_pairs_the_batch_with_a_random_permutat
     lams, pairs = [], np.zeros((batch, batch))
     for _ in range(IMAGES // batch * 4):  # 2,000 batches, 8,000 images
         mixed = np.asarray(layer(x, training=True), dtype="float64")
-        lam, perm = float(layer.label_weight.numpy()), np.asarray(layer.permutation(batch))
+        drawn = layer.draws(batch)  # what the loss draws again
+        lam, perm = float(drawn["weight"]), np.asarray(drawn["pairing"])
         np.testing.assert_allclose(mixed, lam * x + (1 - lam) * x[perm], rtol=1e-5)  # the pairing the loss uses
         lams.append(lam)
         pairs[np.arange(batch), perm] += 1
@@ -98,7 +99,8 @@ def test_cutmix_pastes_one_box_per_batch_and_weighs_the_labels_by_the_area_kept(
     applied = 0
     for _ in range(IMAGES // batch * 2):
         mixed = np.asarray(layer(x, training=True))
-        weight, perm = float(layer.label_weight.numpy()), np.asarray(layer.permutation(batch))
+        drawn = layer.draws(batch)
+        weight, perm = float(drawn["weight"]), np.asarray(drawn["pairing"])
         pasted = mixed != x  # per image; the same box in every image whose partner is another image
         box = pasted[perm != np.arange(batch)]
         if len(box):
@@ -107,15 +109,19 @@ def test_cutmix_pastes_one_box_per_batch_and_weighs_the_labels_by_the_area_kept(
             assert weight == pytest.approx(1 - box[0].sum() / size ** 2, abs=1e-6)  # the area kept, exactly
         applied += weight < 1
     assert scipy.stats.binomtest(applied, IMAGES // batch * 2, recipe.CUTMIX_PROBABILITY).pvalue > P
-    # the draw itself: λ ~ Beta(α, α), the box's centre uniform over the image
+    # the draws themselves, on 32 x 32 images: λ ~ Beta(α, α), the box's centre uniform over the image
     keras.utils.set_random_seed(7)
-    layer = mixing.batch_mix("cutmix", 0.5, 1.0, name="draws")
-    draws = [layer.draw(batch, 32, 32) for _ in range(IMAGES)]
-    lams = [float(lam) for lam, _, _ in draws]
+    model, layer = mix_model("cutmix", 0.5, 1.0, size=32)
+    x = position_batch(2, 32)
+    lams, centres = [], []
+    for _ in range(IMAGES):
+        layer(x, training=True)
+        drawn = layer.draws(2)
+        lam, (y1, y2, _, _) = float(drawn["lam"]), (int(v) for v in drawn["box"])
+        half = int(np.floor(32 * np.sqrt(1 - lam))) // 2  # Yun et al.: cut_rat = sqrt(1 - λ)
+        lams.append(lam)
+        centres.append(y2 - half if y1 == 0 else y1 + half)
     assert scipy.stats.kstest(lams, "beta", args=(0.5, 0.5)).pvalue > P
-    # the centre, from the clipped box and the side the drawn λ gives (Yun et al.: cut_rat = sqrt(1 - λ))
-    halves = [int(np.floor(32 * np.sqrt(1 - float(lam)))) // 2 for lam, _, _ in draws]
-    centres = [int(y2) - half if int(y1) == 0 else int(y1) + half for (_, _, (y1, y2, _, _)), half in zip(draws, halves)]
     assert scipy.stats.chisquare(np.bincount(centres, minlength=32)).pvalue > P
 
 
@@ -133,7 +139,8 @@ def test_the_loss_mixes_and_smooths_the_labels_with_the_pairing_and_weight_of_th
     for _ in range(3):
         pred = np.asarray(model(x, training=True), dtype="float64")
         mix = mixing.find_batch_mix(model)
-        lam, perm = float(mix.label_weight.numpy()), np.asarray(mix.permutation(batch))
+        drawn = mix.draws(batch)
+        lam, perm = float(drawn["weight"]), np.asarray(drawn["pairing"])
         smooth = (1 - eps) * np.eye(classes)[y] + eps / classes
         expected = np.mean(-((lam * smooth + (1 - lam) * smooth[perm]) * np.log(pred)).sum(axis=1))
         assert float(loss(y, pred)) == pytest.approx(expected, rel=1e-5)

@@ -16,6 +16,7 @@ import common
 import train_resnet32
 from conftest import NO_TENSORFLOW, ROOT, parse, run_script
 from test_recipe_behaviour import KILL_IN_SECOND_STATE_WRITE
+from test_reproduce import session_hparams
 
 # every option: the mixing one either mixup or CutMix (they exclude each other)
 WITH_MIXUP = ["--cutout", "16", "--mixup", "1", "--label-smoothing", "0.1", "--lr-schedule", "cosine",
@@ -50,9 +51,13 @@ def test_every_option_trains_and_its_saved_model_evaluates_to_the_history(cifar_
     assert {r["evaluation"] for r in rows} == {f"ema{ema}+tta_flip"}  # the history says how it evaluated
     saved = json.loads((tmp_path / "checkpoints" / "r.json").read_text())
     expected = parse(train_resnet32, flags).saved()
+    hparams = session_hparams(tmp_path / "logs" / "r")  # TensorBoard's HParams name the options too
     for key in ("cutout", "mixup", "cutmix", "label_smoothing", "lr_schedule", "lr_decay", "warmup_epochs", "ema",
                 "tta", "init_seed", "data_seed"):
         assert saved[key] == expected[key], key
+        if expected[key] is not None:
+            value = hparams[key]
+            assert (value.string_value if isinstance(expected[key], str) else value.number_value) == expected[key], key
     # the final model is the average the last row was evaluated with: --evaluate (plain Keras's loader) agrees
     evaluated = run_script("train_resnet32.py", "--evaluate", tmp_path / "checkpoints" / "r.keras", "--tta", "flip",
                            "--data-dir", cifar_dir, backend=backend, block_tensorflow=backend != "tensorflow")

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import scipy.stats
 
 from conftest import ROOT, assert_refused, run_script
 
@@ -50,9 +51,10 @@ def histories(out):
     return found
 
 
-def table_rows(stdout):
+def table_rows(stdout, cells=9):
+    """The rows of the table (cells=9) or of the --against table (cells=3), by label."""
     return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in stdout.splitlines() if line.startswith("| unit")}
+            for line in stdout.splitlines() if line.startswith("| unit") and len(line.split("|")) == cells + 3}
 
 
 # the tests of one sweep run on one pytest-xdist worker (--dist loadgroup), so the sweep is made once
@@ -62,7 +64,7 @@ ONE_SWEEP = pytest.mark.xdist_group("swept")
 @pytest.fixture(scope="module")
 def swept(cifar_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sweep")
-    result = sweep(tmp_path, cifar_dir)
+    result = sweep(tmp_path, cifar_dir, "--against", "unit a")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp_path, result
 
@@ -74,17 +76,34 @@ def test_every_run_once_and_the_table_from_the_histories(swept):
     assert len(runs) == 4 and all([int(r["epoch"]) for r in rows] == [0, 1] for rows in runs.values())
     assert result.stdout.count("done] ") == 4 and "[4/4 done]" in result.stdout
     table = table_rows(result.stdout)
-    for label, unit in (("unit a", "_a_"), ("unit e", "_e_")):
-        finals = [float(rows[-1]["test_accuracy"]) * 100 for name, rows in runs.items() if unit in name]
-        n, mean_std, median, span, published, difference = table[label]
+    finals = {label: [float(rows[-1]["test_accuracy"]) * 100 for name, rows in runs.items() if unit in name]
+              for label, unit in (("unit a", "_a_"), ("unit e", "_e_"))}
+    for label, values in finals.items():
+        n, mean_std, interval, median, span, minutes, published, ours, difference = table[label]
         assert int(n) == 2
         mean, std = (float(v) for v in mean_std.split(" ± "))
-        assert mean == pytest.approx(statistics.fmean(finals), abs=0.006)
-        assert std == pytest.approx(statistics.stdev(finals), abs=0.006)
-        assert float(median) == pytest.approx(statistics.median(finals), abs=0.006)
-        assert span == f"{min(finals):.2f}-{max(finals):.2f}"
-        if label == "unit a":
-            assert published == "93.39" and float(difference) == pytest.approx(mean - 93.39, abs=0.011)
+        assert mean == pytest.approx(statistics.fmean(values), abs=0.006)
+        assert std == pytest.approx(statistics.stdev(values), abs=0.006)
+        low, high = scipy.stats.t.interval(0.95, 1, loc=statistics.fmean(values), scale=scipy.stats.sem(values))
+        assert [float(v) for v in interval.split("-", 1)] == pytest.approx([low, high], abs=0.006)  # scipy's
+        assert float(median) == pytest.approx(statistics.median(values), abs=0.006)
+        assert span == f"{min(values):.2f}-{max(values):.2f}"
+        seconds = [sum(float(r["seconds"]) for r in rows) / 60 for name, rows in runs.items()
+                   if name.split("_")[1] == label[-1]]
+        assert float(minutes.split(" ± ")[0]) == pytest.approx(statistics.fmean(seconds), abs=0.06)
+        if label == "unit a":  # the sweep's flags shrink the experiment: no difference from the published figure
+            assert published == "93.39 (one run)" and ours == f"{mean:.2f} (mean of 2)" and difference == "-"
+    assert "Reduced scale: " in result.stdout and "--stack-n 1 instead of 5" in result.stdout
+    assert "--epochs 2 instead of 200" in result.stdout
+    against = table_rows(result.stdout, cells=3)
+    difference, interval, p = against["unit e"]
+    welch = scipy.stats.ttest_ind(finals["unit e"], finals["unit a"], equal_var=False)  # scipy's, from the histories
+    assert float(difference) == pytest.approx(statistics.fmean(finals["unit e"]) - statistics.fmean(finals["unit a"]),
+                                              abs=0.011)
+    ci = welch.confidence_interval(0.95)
+    assert [float(v) for v in interval.split(" to ")] == pytest.approx([ci.low, ci.high], abs=0.011)
+    assert float(p) == pytest.approx(welch.pvalue, rel=1e-2)
+    assert "Data: fingerprint " in result.stdout and "not the official archive" in result.stdout
     assert (tmp_path / "out" / "table.md").read_text().count("| unit") == 2
     assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -269,6 +288,7 @@ def test_tensorboard_hparams_of_the_sweep(swept):
         assert hparams["dataset"].string_value == "cifar10" and hparams["epochs"].number_value == 2
         assert hparams["lr_schedule"].string_value == "0:0.05,1:0.02" and hparams["batch_size"].number_value == 32
         assert hparams["precision"].string_value == "float32" and hparams["weight_decay"].number_value == 1e-4
+        assert hparams["official_data"].bool_value is False and len(hparams["data_fingerprint"].string_value) == 16
         seen.add((hparams["unit"].string_value, int(hparams["seed"].number_value)))
     assert seen == {("a", 0), ("a", 1), ("e", 0), ("e", 1)}
 
