@@ -147,7 +147,7 @@ def markdown_table(rows, reduced=None):
         shown = "-" if published is None else f"{published['value']:g} ({describe_published(published)}"
         if published is not None and published_interval(published):
             low, high = published_interval(published)
-            shown += f"; {published['mean']:g} ± {published['std']:g}, 95 % CI {low:.2f}-{high:.2f}"
+            shown += f"; {published['mean']:g} ± {published['std']:g}, 95 % CI {low:.2f} to {high:.2f}"
         shown += ")" if published is not None else ""
         values = row["accuracies"]
         if not values:
@@ -156,7 +156,7 @@ def markdown_table(rows, reduced=None):
         s = summary(values)
         spread = f"{percent(s['mean'])} ± {percent(s['std'])}" if s["std"] is not None else percent(s["mean"])
         interval = mean_interval(values)
-        interval = f"{percent(interval[0])}-{percent(interval[1])}" if interval else "undefined (n = 1)"
+        interval = f"{percent(interval[0])} to {percent(interval[1])}" if interval else "undefined (n = 1)"
         minutes = row.get("minutes") or []
         time_cell = (f"{statistics.fmean(minutes):.1f} ± {statistics.stdev(minutes):.1f}" if len(minutes) > 1
                      else f"{minutes[0]:.1f}" if minutes else "-")

@@ -85,7 +85,7 @@ def test_every_run_once_and_the_table_from_the_histories(swept):
         assert mean == pytest.approx(statistics.fmean(values), abs=0.006)
         assert std == pytest.approx(statistics.stdev(values), abs=0.006)
         low, high = scipy.stats.t.interval(0.95, 1, loc=statistics.fmean(values), scale=scipy.stats.sem(values))
-        assert [float(v) for v in interval.split("-", 1)] == pytest.approx([low, high], abs=0.006)  # scipy's
+        assert [float(v) for v in interval.split(" to ")] == pytest.approx([low, high], abs=0.006)  # scipy's
         assert float(median) == pytest.approx(statistics.median(values), abs=0.006)
         assert span == f"{min(values):.2f}-{max(values):.2f}"
         seconds = [sum(float(r["seconds"]) for r in rows) / 60 for name, rows in runs.items()

@@ -31,7 +31,7 @@ def cells(table, label):
 def test_the_interval_and_the_p_value_are_scipys():
     table = statistics.markdown_table(rows_of(a=A, b=B))
     low, high = scipy.stats.t.interval(0.95, len(A) - 1, loc=np.mean(A), scale=scipy.stats.sem(A))
-    assert cells(table, "a")[2] == f"{100 * low:.2f}-{100 * high:.2f}"
+    assert cells(table, "a")[2] == f"{100 * low:.2f} to {100 * high:.2f}"
     against = statistics.against_table(rows_of(a=A, b=B), "a")
     difference, interval, p = cells(against, "b")
     result = scipy.stats.ttest_ind(B, A, equal_var=False)
@@ -51,7 +51,7 @@ def test_one_run_per_row_has_no_interval_and_no_test():
 @pytest.mark.parametrize("published, ours, shown", [
     (93.03, f"{100 * np.mean(A):.2f} (mean of 4)", "93.03 (one run)"),
     ({"value": 93.57, "statistic": "best", "n": 5, "mean": 93.39, "std": 0.16}, f"{100 * max(A):.2f} (best of 4)",
-     "93.57 (best of 5; 93.39 ± 0.16, 95 % CI {}-{})"),
+     "93.57 (best of 5; 93.39 ± 0.16, 95 % CI {} to {})"),
     ({"value": 95.08, "statistic": "median", "n": 5}, f"{100 * np.median(A):.2f} (median of 4)", "95.08 (median of 5)"),
 ])
 def test_a_published_figure_is_set_beside_the_same_statistic_of_ours(published, ours, shown):
@@ -83,7 +83,7 @@ def test_a_sweep_that_changes_the_experiment_says_reduced_scale_and_prints_no_di
     text = reproduce.report(experiment, "both", rows, [])
     assert "Reduced scale" not in text
     assert cells(text, "a, original")[6:9] == [
-        "93.39 (mean of 5; 93.39 ± 0.16, 95 % CI 93.19-93.59)", f"{100 * np.mean(A):.2f} (mean of 4)",
+        "93.39 (mean of 5; 93.39 ± 0.16, 95 % CI 93.19 to 93.59)", f"{100 * np.mean(A):.2f} (mean of 4)",
         f"{100 * np.mean(A) - 93.39:+.2f}"]
 
 
