@@ -104,7 +104,7 @@ def test_every_run_once_and_the_table_from_the_histories(swept):
     assert [float(v) for v in interval.split(" to ")] == pytest.approx([ci.low, ci.high], abs=0.011)
     assert float(p) == pytest.approx(welch.pvalue, rel=1e-2)
     assert "Data: fingerprint " in result.stdout and "not the official archive" in result.stdout
-    assert (tmp_path / "out" / "table.md").read_text().count("| unit") == 2
+    assert (tmp_path / "out" / "table.md").read_text().count("| unit") == 3  # two rows, one against unit a
     assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
