@@ -176,7 +176,8 @@ def add_recipe_options(parser):
                               f"{recipe.LABEL_SMOOTHING:g}); test_loss stays the plain cross-entropy")
     options.add_argument("--warmup-epochs", type=_int_between(0, recipe.MAX_EPOCH, "warm-up epochs"), default=0,
                          metavar="K",
-                         help="linear warm-up (Goyal et al. 2017: 5): lr = peak x step / (K x steps per epoch) for "
+                         help=f"linear warm-up (Goyal et al. 2017: {recipe.WARMUP_EPOCHS}): lr = peak x step / (K x "
+                              "steps per epoch) for "
                               "the first K epochs, then the schedule (step or cosine)")
     options.add_argument("--ema", type=_decay, metavar="DECAY",
                          help="evaluate, checkpoint and save the weights' exponential moving average: avg = DECAY x "

@@ -35,7 +35,6 @@ CUTMIX_PROBABILITY = 0.5  # Yun et al. 2019, the official code's CIFAR commands:
 LABEL_SMOOTHING = 0.1  # Szegedy et al. 2016, §7: epsilon = 0.1
 WARMUP_EPOCHS = 5  # Goyal et al. 2017, §2.2: gradual warm-up over 5 epochs
 EMA_DECAY = 0.999  # a common choice on CIFAR (timm's ModelEmaV2 default is 0.9999 for ImageNet-length runs)
-LR_DECAYS = ("step", "cosine")  # cosine: Loshchilov & Hutter 2017, without restarts, to 0
 
 
 MAX_EPOCH = 100_000  # no schedule or --epochs goes further: the step counters stay far from any int overflow
