@@ -31,14 +31,13 @@ from resnet_cifar import cli, distributed, provenance, runs
 from resnet_cifar.checkpoints import SavedState, as_trained, check_model_file, load_model_safely, save_model
 from resnet_cifar.cifar_data import DATASETS, find_local_data, load_data
 from resnet_cifar.devices import configure_backend, fast_exit, where_it_trains
-from resnet_cifar.evaluation import evaluation_model, use_average
+from resnet_cifar.evaluation import compile_for_evaluation, evaluation_model, use_average
 from resnet_cifar.errors import STOP_SIGNALS, Preempted, TrainingError, UsageError, one_line_usage_errors
 from resnet_cifar.outputs import (CHECKPOINT_FILES, check_free_space, check_writable_dir, final_line,
                                   no_space_message, remove_stale_temporaries, run_paths, write_text)
 from resnet_cifar.recipe import MOMENTUM, NESTEROV, compile_model, with_options
 from resnet_cifar.training import Run, checkpoint_bytes, eval_batch_size, fit
-from resnet_cifar.speedups import (batches, build_before_first_step, release_activations, resolve_jit_compile,
-                                   stock_layers)
+from resnet_cifar.speedups import batches, release_activations, stock_layers
 from resnet_cifar.workarounds import set_random_seed
 
 
@@ -222,10 +221,7 @@ def _evaluate(config, spec):
                          "(is --dataset right?)")
     model = as_trained(model)  # the layer classes and kernels training evaluated with
     release_activations(model)
-    evaluated = evaluation_model(model, config.tta) if config.tta else model
-    evaluated.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                      jit_compile=resolve_jit_compile(model))
-    build_before_first_step(evaluated)
+    evaluated = compile_for_evaluation(evaluation_model(model, config.tta) if config.tta else model, model)
     start = time.perf_counter()
     loss, accuracy = evaluated.evaluate(*batches(x_test, y_test, eval_batch_size(model)), verbose=0)
     seconds = time.perf_counter() - start

@@ -107,14 +107,15 @@ def scale_differences(experiment, runs):
     """How the flags after `--` change the experiment: e.g. ["--stack-n 1 instead of 9", "--epochs 3 instead of
     200"], from each row's settings with and without them; [] at the experiment's own scale."""
     differences = []
-    for run in runs:
+    one_per_row = {run.label: run for run in runs}.values()  # the seeds are not settings of scale (NOT_SCALE)
+    for run in one_per_row:
         row = next(r for r in experiment["rows"] if r["label"] == run.label)
-        own = scale_settings(cli.parse([*row.get("flags", []), "--seed", str(run.seed)], families.load(run.script)))
+        own = scale_settings(cli.parse(row.get("flags", []), families.load(run.script)))
         for key in sorted(set(own) | set(run.setting)):
             if own.get(key) != run.setting.get(key):
                 was = "all" if own.get(key) is None else own.get(key)
                 text = f"--{key.replace('_', '-')} {run.setting.get(key)} instead of {was}"
-                if text not in differences and key not in ("init_seed", "data_seed", "seed"):
+                if text not in differences:
                     differences.append(text)
     return differences
 

@@ -72,17 +72,24 @@ def averaged_weights(model):
             variable.assign(value)
 
 
+def compile_for_evaluation(evaluating, trained, plain=False):
+    """`evaluating` (the trained model itself, or an evaluation_model of it) compiled to score with the plain
+    cross-entropy and accuracy, with XLA as `trained` trains (speedups.resolve_jit_compile), built before its
+    first step unless plain=True (--plain-keras)."""
+    from .speedups import build_before_first_step, resolve_jit_compile
+    evaluating.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                       jit_compile=resolve_jit_compile(trained))
+    if not plain:
+        build_before_first_step(evaluating)
+    return evaluating
+
+
 class Evaluator:
     """Evaluates the trained `model` the way the options say (see the module's docstring)."""
 
     def __init__(self, model, config):
-        from .speedups import build_before_first_step, resolve_jit_compile
         self.model, self.ema = model, bool(config.ema)
-        self.evaluating = evaluation_model(model, config.tta)
-        self.evaluating.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                                jit_compile=resolve_jit_compile(model))
-        if not config.plain_keras:
-            build_before_first_step(self.evaluating)
+        self.evaluating = compile_for_evaluation(evaluation_model(model, config.tta), model, config.plain_keras)
 
     def evaluate(self, batches, callbacks=()):
         """{"loss", "accuracy"} on `batches` (speedups.Batches)."""
